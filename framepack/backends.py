@@ -1,0 +1,130 @@
+"""What plugins hand to the engine: one small frozen dataclass per family.
+
+A backend says its name, how to build it from its options, and whether it
+can run on the detected hardware (``unavailable_reason`` returns ``None``
+when it can, else a short reason such as "needs CUDA" or "flash_attn is not
+installed"). The engine resolves a backend once per job and then calls the
+object it built directly.
+
+Each backend owns its options: a frozen dataclass whose fields are the keys
+allowed in the profile's ``[profiles.NAME.options.BACKEND]`` table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+import torch
+
+from framepack.errors import ConfigError
+from framepack.hardware import HardwareInfo
+
+FAMILIES = ("attention", "offload", "cache", "text_encoder", "image_encoder", "vae", "writer")
+
+
+def always_available(hardware: HardwareInfo) -> str | None:
+    return None
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """For backends that take no options."""
+
+
+class AttentionKernel(Protocol):
+    def __call__(
+        self,
+        query: torch.Tensor,  # (B, Lq, H, D)
+        key: torch.Tensor,  # (B, Lk, H, D)
+        value: torch.Tensor,  # (B, Lk, H, D)
+        attn_mask: torch.Tensor | None,  # bool, broadcastable to (B, H, Lq, Lk); True = attend
+    ) -> torch.Tensor:  # (B, Lq, H, D)
+        ...
+
+
+@dataclass(frozen=True)
+class AttentionBackend:
+    name: str
+    make_kernel: Callable[[Any], AttentionKernel]
+    # Kernels that cannot take a mask are only used where the engine can crop
+    # the text instead (batch 1); they are never handed a mask.
+    supports_mask: bool
+    unavailable_reason: Callable[[HardwareInfo], str | None] = always_available
+    options: type = NoOptions
+    description: str = ""
+    family: str = field(default="attention", init=False)
+
+
+@dataclass(frozen=True)
+class OffloadBackend:
+    name: str
+    # make_policy(options, device) -> framepack.offload.OffloadPolicy
+    make_policy: Callable[[Any, torch.device], Any]
+    unavailable_reason: Callable[[HardwareInfo], str | None] = always_available
+    options: type = NoOptions
+    description: str = ""
+    family: str = field(default="offload", init=False)
+
+
+@dataclass(frozen=True)
+class CacheBackend:
+    name: str
+    # make_cache(options) -> framepack.stepcache.StepCache
+    make_cache: Callable[[Any], Any]
+    unavailable_reason: Callable[[HardwareInfo], str | None] = always_available
+    options: type = NoOptions
+    description: str = ""
+    family: str = field(default="cache", init=False)
+
+
+@dataclass(frozen=True)
+class EncoderBackend:
+    name: str
+    kind: str  # "text", "image" or "vae"
+    # load(model_source, options, dtype) -> an encoder object (see framepack.encoding)
+    load: Callable[[Any, Any, torch.dtype], Any]
+    # Subfolders of a model folder this encoder reads, checked before loading.
+    parts: tuple[str, ...] = ()
+    unavailable_reason: Callable[[HardwareInfo], str | None] = always_available
+    options: type = NoOptions
+    description: str = ""
+
+    @property
+    def family(self) -> str:
+        return {"text": "text_encoder", "image": "image_encoder", "vae": "vae"}[self.kind]
+
+
+@dataclass(frozen=True)
+class WriterBackend:
+    name: str
+    suffix: str  # file suffix it writes, e.g. ".mp4"
+    # open(path, fps, width, height, options) -> framepack.writing.FrameWriter
+    open: Callable[..., Any]
+    unavailable_reason: Callable[[HardwareInfo], str | None] = always_available
+    options: type = NoOptions
+    description: str = ""
+    family: str = field(default="writer", init=False)
+
+
+def build_options(options_cls: type, table: dict[str, Any], where: str) -> Any:
+    """Build a backend's frozen options dataclass from its TOML table.
+
+    ``where`` names the file and table for error messages. Unknown keys and
+    values of the wrong type are errors that list what is allowed.
+    """
+    known = {f.name: f for f in dataclasses.fields(options_cls)}
+    for key, value in table.items():
+        if key not in known:
+            names = ", ".join(sorted(known)) or "none"
+            raise ConfigError(f"{where}: unknown key '{key}' (known keys: {names})")
+        expected = known[key].type
+        expected_types = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}.get(
+            expected if isinstance(expected, str) else getattr(expected, "__name__", ""), None
+        )
+        if expected_types is not None:
+            wrong_bool = isinstance(value, bool) and bool not in expected_types
+            if wrong_bool or not isinstance(value, expected_types):
+                raise ConfigError(f"{where}: key '{key}' must be {expected}, got {value!r}")
+    return options_cls(**table)

@@ -1,0 +1,208 @@
+"""The `framepack` command. Exit codes: 0 done, 2 bad input or usage, 1 anything else."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from framepack import __version__
+from framepack.errors import FramepackError, UserError
+
+
+def _add_profile_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", help="use this profile instead of the one matching this machine")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the profile, e.g. attention=sdpa or dtype.vae=float32 (repeatable)")
+    p.add_argument("--config", dest="config_files", action="append", default=[], type=Path, metavar="FILE",
+                   help="extra profile file, applied after the shipped and user files (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="framepack", description="FramePack image-to-video engine.")
+    parser.add_argument("--version", action="version", version=f"framepack {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="render a video from an image and a prompt")
+    g.add_argument("--image", required=True, type=Path, help="start image (PNG, JPEG, WebP, ...)")
+    g.add_argument("--prompt", required=True, help="what should happen in the video")
+    g.add_argument("--negative-prompt", default="", help="used only when --cfg > 1")
+    g.add_argument("--model", help="local model folder, or a hub repo id with the same layout (default: the original hub repos)")
+    g.add_argument("--variant", choices=("original", "f1"), default="original",
+                   help="original: inverted anti-drifting model (generates the end first); f1: forward model")
+    g.add_argument("--seconds", type=float, default=5.0, help="video length (default 5)")
+    g.add_argument("--steps", type=int, default=25, help="sampler steps per section (default 25)")
+    g.add_argument("--seed", type=int, default=31337, help="random seed (default 31337)")
+    g.add_argument("--gs", type=float, default=10.0, help="distilled guidance scale (default 10)")
+    g.add_argument("--cfg", type=float, default=1.0, help="real CFG scale; > 1 adds a negative pass (default 1)")
+    g.add_argument("--rs", type=float, default=0.0, help="CFG rescale, 0..1 (default 0)")
+    g.add_argument("--resolution", type=int, default=640, help="bucket base resolution (default 640, the original's table)")
+    g.add_argument("--size", help="exact HEIGHTxWIDTH, multiples of 16 (overrides --resolution)")
+    g.add_argument("--latent-window-size", type=int, default=9, help=argparse.SUPPRESS)
+    g.add_argument("--output", type=Path, help="output video (default framepack_<time>_<seed>.mp4)")
+    g.add_argument("--latents-out", type=Path, help="also write the finished latents to this .safetensors file")
+    g.add_argument("--json", action="store_true", help="print a JSON summary on stdout when done")
+    g.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    _add_profile_args(g)
+
+    p = sub.add_parser("profiles", help="list profiles, which one matches this machine, and why")
+    p.add_argument("--json", action="store_true")
+    _add_profile_args(p)
+
+    pl = sub.add_parser("plugins", help="list backends per family, where each came from, and whether it can run here")
+    pl.add_argument("--json", action="store_true")
+
+    t = sub.add_parser("make-tiny-model", help="write a model folder with tiny random weights (for tests and offline demos)")
+    t.add_argument("dir", type=Path)
+    t.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _eprint(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def cmd_generate(args) -> int:
+    from framepack.assemble import assemble
+    from framepack.generate import generate
+    from framepack.job import JobSettings, parse_size
+    from framepack.progress import ProgressReporter
+
+    output = args.output or Path(f"framepack_{time.strftime('%Y%m%d_%H%M%S')}_{args.seed}.mp4")
+    settings = JobSettings(
+        image=args.image, prompt=args.prompt, negative_prompt=args.negative_prompt, output=output,
+        variant=args.variant, seconds=args.seconds, steps=args.steps, seed=args.seed, gs=args.gs,
+        cfg=args.cfg, rs=args.rs, latent_window_size=args.latent_window_size, resolution=args.resolution,
+        size=parse_size(args.size) if args.size else None, latents_out=args.latents_out, model=args.model,
+    ).validate()
+    extra = [] if args.quiet else [ProgressReporter()]
+    engine = assemble(args.profile, args.overrides, args.config_files, extra_plugins=extra)
+    if not args.quiet:
+        _eprint(f"hardware: {engine.hardware.summary()}")
+        _eprint(f"profile: {engine.profile.name} ({engine.selection.why})")
+        for choice in engine.choices.values():
+            _eprint("  " + choice.explain())
+    result = generate(settings, engine)
+    if args.json:
+        summary = {
+            "outputs": [str(p) for p in result.outputs],
+            "frames": result.frames,
+            "fps": 30,
+            "height": result.height,
+            "width": result.width,
+            "sections": result.sections,
+            "computed_steps": result.computed_steps,
+            "skipped_steps": result.skipped_steps,
+            "elapsed_s": round(result.elapsed_s, 3),
+            "profile": engine.profile.name,
+            "backends": {f: c.name for f, c in engine.choices.items()},
+            "settings": settings.to_dict(),
+        }
+        print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_profiles(args) -> int:
+    from framepack.config import apply_overrides, load_profiles, match_profile, select_profile
+    from framepack.hardware import detect_hardware
+
+    hw = detect_hardware()
+    profiles = load_profiles(args.config_files)
+    selection = select_profile(profiles, hw, args.profile)
+    chosen = apply_overrides(profiles, selection.profile.name, args.overrides)
+    rows = []
+    for name in sorted(profiles.profiles, key=lambda n: (-profiles.profiles[n].priority, n)):
+        prof = chosen if name == chosen.name else profiles.profiles[name]
+        ok, reasons = match_profile(prof, hw)
+        rows.append({
+            "name": name, "selected": name == chosen.name, "matches": ok, "reasons": reasons,
+            "priority": prof.priority, "description": prof.description, "sources": list(prof.sources),
+            "attention": list(prof.attention), "offload": list(prof.offload), "cache": list(prof.cache),
+            "writers": list(prof.writers), "dtype": prof.dtype, "vae_tiling": prof.vae_tiling, "options": prof.options,
+        })
+    if args.json:
+        print(json.dumps({"hardware": hw.__dict__, "selected": chosen.name, "why": selection.why,
+                          "files": profiles.files, "profiles": rows}, indent=2, default=list))
+        return 0
+    print(f"this machine: {hw.summary()}")
+    print(f"selected: {chosen.name} ({selection.why})")
+    print(f"files: {', '.join(profiles.files)}\n")
+    for row in rows:
+        mark = "*" if row["selected"] else " "
+        print(f"{mark} {row['name']:<12} priority {row['priority']:<3} {row['description']}")
+        print(f"    attention {row['attention']}  offload {row['offload']}  cache {row['cache']}")
+        print("    " + "; ".join(row["reasons"]))
+    return 0
+
+
+def cmd_plugins(args) -> int:
+    from framepack.config import load_profiles
+    from framepack.hardware import detect_hardware
+    from framepack.plugins import build_plugin_manager, collect_backends
+    from framepack.backends import FAMILIES
+
+    hw = detect_hardware()
+    loaded = build_plugin_manager(load_profiles().disabled_plugins)
+    registry = collect_backends(loaded)
+    families = {}
+    for family in FAMILIES:
+        entries = []
+        for reg in registry.items(family):
+            reason = reg.backend.unavailable_reason(hw)
+            source = loaded.sources.get(reg.plugin)
+            entries.append({
+                "name": reg.backend.name, "plugin": reg.plugin,
+                "source": source.describe() if source else "registered at run time",
+                "available": reason is None, "reason": reason, "description": reg.backend.description,
+            })
+        families[family] = entries
+    if args.json:
+        print(json.dumps({"hardware": hw.__dict__, "families": families, "skipped_plugins": loaded.skipped}, indent=2, default=list))
+        return 0
+    print(f"this machine: {hw.summary()}\n")
+    for family, entries in families.items():
+        print(f"{family}:")
+        for e in entries:
+            state = "ok" if e["available"] else f"cannot run here: {e['reason']}"
+            print(f"  {e['name']:<12} {state:<28} {e['description']}")
+            print(f"  {'':<12} {e['source']}")
+    for name, why in loaded.skipped.items():
+        print(f"skipped plugin {name}: {why}")
+    return 0
+
+
+def cmd_make_tiny_model(args) -> int:
+    from framepack.tiny_model import make_tiny_model
+
+    try:
+        path = make_tiny_model(args.dir, seed=args.seed)
+    except FileExistsError as exc:
+        raise UserError(str(exc)) from exc
+    _eprint(f"wrote a tiny random-weight model to {path} (for tests and offline demos; its videos are noise)")
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "profiles": cmd_profiles, "plugins": cmd_plugins, "make-tiny-model": cmd_make_tiny_model}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except FramepackError as exc:
+        _eprint(f"framepack: error: {exc}")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        _eprint("framepack: interrupted")
+        return 1
+    except BrokenPipeError:
+        # The reader went away (e.g. `framepack profiles | head`); nothing to report.
+        sys.stderr.close()
+        return 0
+    except Exception:
+        _eprint(traceback.format_exc().rstrip())
+        _eprint("framepack: internal error (a bug; please report it with the traceback above)")
+        return 1

@@ -1,0 +1,27 @@
+"""Errors a user can meet, with the exit code the CLI gives them.
+
+A `UserError` is bad input or usage (exit 2): the message says what was
+wrong, the value, and what to do. Anything else that is expected but not the
+user's fault (a download that failed, a backend that cannot run) is a
+`FramepackError` (exit 1). Everything else is a bug and gets a traceback.
+"""
+
+
+class FramepackError(Exception):
+    """An expected failure with a one-line explanation for the user."""
+
+    exit_code = 1
+
+
+class UserError(FramepackError):
+    """Bad input or usage: the command line, a file or a setting."""
+
+    exit_code = 2
+
+
+class ConfigError(UserError):
+    """A profile file, table or key that is wrong."""
+
+
+class PluginError(FramepackError):
+    """A plugin that cannot be loaded, or a backend that is missing."""

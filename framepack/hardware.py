@@ -1,0 +1,124 @@
+"""Detect the accelerator and memory the engine can use.
+
+Detection runs when asked (never at import). ``FRAMEPACK_HARDWARE`` may hold a
+JSON object with any of HardwareInfo's fields to simulate another machine,
+e.g. ``{"device": "cuda", "gpu_name": "RTX 3060 Laptop", "vram_total_gb": 6}``:
+``framepack profiles`` then shows what would be picked there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+
+from framepack.errors import UserError
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class HardwareInfo:
+    device: str  # "cuda", "mps" or "cpu"
+    gpu_name: str | None = None
+    compute_capability: tuple[int, int] | None = None
+    vram_total_gb: float | None = None
+    vram_free_gb: float | None = None
+    ram_total_gb: float = 0.0
+    ram_available_gb: float = 0.0
+    simulated: bool = False
+
+    def summary(self) -> str:
+        if self.device == "cuda":
+            cc = ".".join(map(str, self.compute_capability)) if self.compute_capability else "?"
+            gpu = (
+                f"{self.gpu_name} (sm {cc}), {self.vram_total_gb:.1f} GB VRAM"
+                f" ({self.vram_free_gb:.1f} GB free)"
+            )
+        elif self.device == "mps":
+            gpu = f"Apple GPU ({self.gpu_name or 'mps'})"
+        else:
+            gpu = "no GPU"
+        sim = " [simulated]" if self.simulated else ""
+        return f"{gpu}; {self.ram_total_gb:.1f} GB RAM ({self.ram_available_gb:.1f} GB available){sim}"
+
+
+def _system_ram_gb() -> tuple[float, float]:
+    total = available = 0.0
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+        total = info.get("MemTotal", 0) / GIB
+        available = info.get("MemAvailable", info.get("MemFree", 0)) / GIB
+    except OSError:
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+            available = total
+        except (ValueError, OSError, AttributeError):
+            pass
+    return total, available
+
+
+def _detect_real() -> HardwareInfo:
+    import torch
+
+    ram_total, ram_available = _system_ram_gb()
+    if torch.cuda.is_available():
+        index = torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(index)
+        free, total = torch.cuda.mem_get_info(index)
+        return HardwareInfo(
+            device="cuda",
+            gpu_name=props.name,
+            compute_capability=(props.major, props.minor),
+            vram_total_gb=total / GIB,
+            vram_free_gb=free / GIB,
+            ram_total_gb=ram_total,
+            ram_available_gb=ram_available,
+        )
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        # Apple GPUs share system memory; report it as both.
+        return HardwareInfo(
+            device="mps",
+            gpu_name="Apple Silicon",
+            vram_total_gb=ram_total,
+            vram_free_gb=ram_available,
+            ram_total_gb=ram_total,
+            ram_available_gb=ram_available,
+        )
+    return HardwareInfo(device="cpu", ram_total_gb=ram_total, ram_available_gb=ram_available)
+
+
+def hardware_from_dict(data: dict, where: str = "FRAMEPACK_HARDWARE") -> HardwareInfo:
+    fields = {f.name for f in dataclasses.fields(HardwareInfo)} - {"simulated"}
+    unknown = set(data) - fields
+    if unknown:
+        raise UserError(f"{where}: unknown field(s) {sorted(unknown)} (known: {sorted(fields)})")
+    if data.get("device") not in ("cuda", "mps", "cpu"):
+        raise UserError(f"{where}: 'device' must be cuda, mps or cpu, got {data.get('device')!r}")
+    values = dict(data)
+    if values.get("compute_capability") is not None:
+        cc = values["compute_capability"]
+        if isinstance(cc, str):
+            cc = cc.split(".")
+        values["compute_capability"] = tuple(int(x) for x in cc)
+    if values["device"] != "cpu":
+        values.setdefault("vram_free_gb", values.get("vram_total_gb"))
+    values.setdefault("ram_total_gb", 32.0)
+    values.setdefault("ram_available_gb", values["ram_total_gb"])
+    return HardwareInfo(**values, simulated=True)
+
+
+def detect_hardware() -> HardwareInfo:
+    raw = os.environ.get("FRAMEPACK_HARDWARE")
+    if raw:
+        try:
+            data = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"FRAMEPACK_HARDWARE is not valid JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise UserError("FRAMEPACK_HARDWARE must be a JSON object")
+        return hardware_from_dict(data)
+    return _detect_real()

@@ -1,0 +1,78 @@
+"""A job's settings and their checks (bad values are UserErrors, exit 2)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from framepack.errors import UserError
+from framepack.models import VARIANTS
+
+MAX_SECONDS = 600.0  # 10 minutes = 500 sections; longer is almost surely a typo
+MAX_STEPS = 200
+MAX_SIDE = 2048
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    image: Path
+    prompt: str
+    output: Path
+    negative_prompt: str = ""
+    variant: str = "original"
+    seconds: float = 5.0
+    steps: int = 25
+    seed: int = 31337
+    gs: float = 10.0  # distilled guidance
+    cfg: float = 1.0  # real CFG; 1 = no negative pass
+    rs: float = 0.0  # CFG rescale
+    latent_window_size: int = 9
+    resolution: int = 640
+    size: tuple[int, int] | None = None  # (height, width), overrides the bucket
+    latents_out: Path | None = None
+    model: str | None = None
+
+    def validate(self) -> "JobSettings":
+        def bad(name: str, value, why: str) -> UserError:
+            return UserError(f"{name} {value!r}: {why}")
+
+        if self.variant not in VARIANTS:
+            raise bad("--variant", self.variant, f"must be one of {', '.join(VARIANTS)}")
+        if not math.isfinite(self.seconds) or self.seconds <= 0:
+            raise bad("--seconds", self.seconds, "must be a positive number of seconds")
+        if self.seconds > MAX_SECONDS:
+            raise bad("--seconds", self.seconds, f"is over the limit of {MAX_SECONDS:g} s")
+        if not 1 <= self.steps <= MAX_STEPS:
+            raise bad("--steps", self.steps, f"must be between 1 and {MAX_STEPS}")
+        if not 0 <= self.seed < 2**63:
+            raise bad("--seed", self.seed, "must be between 0 and 2**63 - 1")
+        for name, value, low, high in (("--gs", self.gs, 0.0, 100.0), ("--cfg", self.cfg, 1.0, 50.0), ("--rs", self.rs, 0.0, 1.0)):
+            if not (math.isfinite(value) and low <= value <= high):
+                raise bad(name, value, f"must be between {low:g} and {high:g}")
+        if not 1 <= self.latent_window_size <= 33:
+            raise bad("latent_window_size", self.latent_window_size, "must be between 1 and 33")
+        if not 64 <= self.resolution <= MAX_SIDE:
+            raise bad("--resolution", self.resolution, f"must be between 64 and {MAX_SIDE}")
+        if self.size is not None:
+            h, w = self.size
+            if h % 16 or w % 16 or not (16 <= h <= MAX_SIDE and 16 <= w <= MAX_SIDE):
+                raise bad("--size", f"{h}x{w}", f"height and width must be multiples of 16 between 16 and {MAX_SIDE}")
+        if self.latents_out is not None and Path(self.latents_out).suffix != ".safetensors":
+            raise bad("--latents-out", str(self.latents_out), "must end in .safetensors")
+        return self
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        for key in ("image", "output", "latents_out"):
+            data[key] = None if data[key] is None else str(data[key])
+        return data
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'HxW' -> (H, W)."""
+    try:
+        h, w = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise UserError(f"--size {text!r}: expected HEIGHTxWIDTH, e.g. 640x608") from None
+    return h, w

@@ -1,0 +1,55 @@
+"""The offload contract: where each model's weights live, stage by stage.
+
+The engine loads every model to CPU RAM, hands them to the policy with
+``prepare`` and wraps each stage of the job in ``stage(...)`` naming the
+models that stage runs (``text_encoder``, ``text_encoder_2``,
+``image_encoder``, ``vae``, ``transformer``). Inputs go to
+``execution_device``; the policy makes sure the named models can run there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Protocol
+
+import torch
+
+
+class OffloadPolicy(Protocol):
+    execution_device: torch.device
+
+    def prepare(self, models: dict[str, torch.nn.Module]) -> None: ...
+
+    def stage(self, *names: str) -> contextlib.AbstractContextManager[None]: ...
+
+    def describe(self) -> str: ...
+
+
+def resolve_device(device: torch.device | str) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+class StageTracker:
+    """Shared bookkeeping: which models exist, which stage is running."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.execution_device = resolve_device(device)
+        self.models: dict[str, torch.nn.Module] = {}
+
+    def _check(self, names: tuple[str, ...]) -> None:
+        unknown = [n for n in names if n not in self.models]
+        if unknown:
+            raise KeyError(f"stage names unknown model(s) {unknown}; loaded: {sorted(self.models)}")
+
+    @contextlib.contextmanager
+    def _noop(self) -> Iterator[None]:
+        yield

@@ -1,0 +1,62 @@
+"""Load the FramePack transformer and call it with one section's packed context."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from framepack.attention import install_attention
+from framepack.backends import AttentionKernel
+
+
+def keep_output_head_fp32(transformer: torch.nn.Module) -> None:
+    """Run norm_out and proj_out in float32, as the original does
+    (``high_quality_fp32_output_for_inference``): the velocity then loses no
+    precision to bf16 on its way out of the last layer."""
+    transformer.norm_out.float()
+    transformer.proj_out.float()
+
+    def upcast(module, args):
+        hidden, temb = args
+        return hidden.float(), temb
+
+    transformer.norm_out.register_forward_pre_hook(upcast)
+
+
+def load_transformer(source, dtype: torch.dtype, kernel: AttentionKernel) -> torch.nn.Module:
+    from diffusers import HunyuanVideoFramepackTransformer3DModel
+
+    where, sub = source.location("transformer")
+    with source.loading("transformer"):
+        model = HunyuanVideoFramepackTransformer3DModel.from_pretrained(
+            where, subfolder=sub, torch_dtype=dtype, use_safetensors=True
+        )
+    model.eval().requires_grad_(False)
+    if not (model.config.has_image_proj and model.config.has_clean_x_embedder):
+        raise ValueError("the transformer config must set has_image_proj and has_clean_x_embedder (FramePack checkpoints do)")
+    install_attention(model, kernel)
+    if dtype != torch.float32:
+        keep_output_head_fp32(model)
+    return model
+
+
+@dataclass
+class SectionContext:
+    """Clean context of one section, already in the transformer's dtype and device."""
+
+    indices_latents: torch.Tensor  # (lws,) 1-D
+    latents_clean: torch.Tensor  # (1, 16, 2, h, w)
+    indices_latents_clean: torch.Tensor  # (2,)
+    latents_history_2x: torch.Tensor  # (1, 16, 2, h, w)
+    indices_latents_history_2x: torch.Tensor  # (2,)
+    latents_history_4x: torch.Tensor  # (1, 16, 16, h, w)
+    indices_latents_history_4x: torch.Tensor  # (16,)
+
+    def as_kwargs(self) -> dict[str, torch.Tensor]:
+        return dict(self.__dict__)
+
+
+def forward_velocity(transformer: torch.nn.Module, **inputs) -> torch.Tensor:
+    """One full transformer call -> velocity (B, 16, T, h, w)."""
+    return transformer(**inputs, return_dict=False)[0]
