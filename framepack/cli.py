@@ -78,6 +78,17 @@ def cmd_generate(args) -> int:
         cfg=args.cfg, rs=args.rs, latent_window_size=args.latent_window_size, resolution=args.resolution,
         size=parse_size(args.size) if args.size else None, latents_out=args.latents_out, model=args.model,
     ).validate()
+    # Check the user's files before assembling the engine and printing its report,
+    # so a typo gives one line (generate() checks them again; both are cheap).
+    from framepack.inputs import load_image
+    from framepack.models import ModelSource
+    from framepack.writing import check_output_path
+
+    load_image(settings.image)
+    check_output_path(settings.output)
+    if settings.latents_out is not None:
+        check_output_path(settings.latents_out)
+    ModelSource.from_arg(settings.model, settings.variant)
     extra = [] if args.quiet else [ProgressReporter()]
     engine = assemble(args.profile, args.overrides, args.config_files, extra_plugins=extra)
     if not args.quiet:

@@ -177,6 +177,11 @@ def load_profiles(extra_files: list[Path] | None = None, include_user_files: boo
             if not isinstance(table, dict):
                 raise ConfigError(f"{where}: [profiles.{name}] must be a table, got {table!r}")
             validate_profile_table(where, name, table)
+            if name in raw and "inherits" in table:
+                raise ConfigError(
+                    f"{where}: [profiles.{name}] 'inherits' only works where a profile is first defined "
+                    f"('{name}' already comes from {', '.join(sources[name])})"
+                )
             if name not in raw and "inherits" in table:
                 parent = table["inherits"]
                 if parent not in raw:
@@ -242,6 +247,11 @@ def apply_overrides(profiles: ProfileSet, name: str, assignments: list[str]) -> 
         parts = key.split(".")
         if any(not p for p in parts):
             raise UserError(f"--set {assignment!r}: empty part in key '{key}'")
+        if parts[0] in ("match", "priority", "inherits"):
+            raise UserError(
+                f"--set {assignment!r}: '{parts[0]}' decides which profile is chosen, so it cannot be "
+                "changed for the chosen one; use --profile NAME, or edit a profile file"
+            )
         value = parse_set_value(text.strip())
         nested: Any = value
         for part in reversed(parts[1:]):
@@ -296,14 +306,14 @@ def match_profile(profile: Profile, hw: HardwareInfo) -> tuple[bool, list[str]]:
     vram = hw.vram_total_gb
     if "min_vram_gb" in rules:
         want = rules["min_vram_gb"]
-        check(vram is not None and vram >= want, f"{_gb(vram)} VRAM (wants >= {_fmt(want)} GB)")
+        check(vram is not None and vram >= want, f"{_gb(vram, want)} VRAM (wants >= {_fmt(want)} GB)")
     if "max_vram_gb" in rules:
         want = rules["max_vram_gb"]
-        check(vram is not None and vram < want, f"{_gb(vram)} VRAM (wants < {_fmt(want)} GB)")
+        check(vram is not None and vram < want, f"{_gb(vram, want)} VRAM (wants < {_fmt(want)} GB)")
     if "min_free_vram_gb" in rules:
         want = rules["min_free_vram_gb"]
         free = hw.vram_free_gb
-        check(free is not None and free >= want, f"{_gb(free)} free VRAM (wants >= {_fmt(want)} GB)")
+        check(free is not None and free >= want, f"{_gb(free, want)} free VRAM (wants >= {_fmt(want)} GB)")
     if "min_ram_gb" in rules:
         want = rules["min_ram_gb"]
         check(hw.ram_total_gb >= want, f"{hw.ram_total_gb:.1f} GB RAM (wants >= {_fmt(want)} GB)")
@@ -313,8 +323,14 @@ def match_profile(profile: Profile, hw: HardwareInfo) -> tuple[bool, list[str]]:
     return ok, reasons
 
 
-def _gb(x: float | None) -> str:
-    return "no" if x is None else f"{x:.1f} GB"
+def _gb(x: float | None, want: float | None = None) -> str:
+    """x in GB with one decimal, or in full where rounding would cross the rule's threshold."""
+    if x is None:
+        return "no"
+    text = f"{x:.1f}"
+    if want is not None and (float(text) < want) != (x < want):
+        text = repr(x)
+    return f"{text} GB"
 
 
 @dataclass(frozen=True)
@@ -346,5 +362,5 @@ def select_profile(profiles: ProfileSet, hw: HardwareInfo, requested: str | None
     others = [p.name for p, _ in matching[1:]]
     why = "matches this machine: " + "; ".join(r.removeprefix("ok: ") for r in reasons)
     if others:
-        why += f" (also matched, lower priority: {', '.join(others)})"
+        why += f" (also matched, lower priority or later by name: {', '.join(others)})"
     return Selection(profile, why, reasons)

@@ -91,10 +91,14 @@ class Writers:
 
     def __init__(self, engine: Engine, output: Path, width: int, height: int) -> None:
         self.items = []
-        for choice in engine.writers:
-            path = output.with_suffix(choice.backend.suffix)
-            self.items.append(choice.backend.open(path, FPS, width, height, choice.options))
         self.front_chunks: list[np.ndarray] = []
+        try:
+            for choice in engine.writers:
+                path = output.with_suffix(choice.backend.suffix)
+                self.items.append(choice.backend.open(path, FPS, width, height, choice.options))
+        except BaseException:
+            self.abort()
+            raise
 
     def add(self, frames: np.ndarray, at_front: bool) -> None:
         if not len(frames):
@@ -171,10 +175,17 @@ def generate(settings: JobSettings, engine: Engine) -> GenerationResult:
     cache = ch["cache"].backend.make_cache(ch["cache"].options)
     cache.bind(transformer)
 
-    writers = Writers(engine, output, width, height)
+    cropped = resize_and_center_crop(image, height, width)
+    branches, start_latent = _condition(settings, text, vision, vae, policy, cropped, dtype["transformer"])
+    # The encoders are done: let their memory go (16 GB for the real Llama).
+    policy.release(*text.modules, *vision.modules)
+    del text, vision
+
+    writers = None
     status, error = "failed", None
     try:
-        result = _run(settings, engine, image, height, width, sections, text, vision, vae, transformer, policy, cache, writers, dtype["transformer"])
+        writers = Writers(engine, output, width, height)
+        result = _run_sections(settings, engine, height, width, sections, branches, start_latent, vae, transformer, policy, cache, writers, dtype["transformer"])
         result.outputs = writers.close()
         if settings.latents_out is not None:
             save_latents(Path(settings.latents_out), result.latents, settings)
@@ -182,11 +193,13 @@ def generate(settings: JobSettings, engine: Engine) -> GenerationResult:
         status = "done"
     except KeyboardInterrupt:
         status = "interrupted"
-        writers.abort()
+        if writers is not None:
+            writers.abort()
         raise
     except BaseException as exc:
         error = f"{type(exc).__name__}: {exc}"
-        writers.abort()
+        if writers is not None:
+            writers.abort()
         raise
     finally:
         outputs = tuple(str(p) for p in (result.outputs if status == "done" else []))
@@ -195,15 +208,12 @@ def generate(settings: JobSettings, engine: Engine) -> GenerationResult:
     return result
 
 
-def _run(settings, engine, image, height, width, sections, text, vision, vae, transformer, policy, cache, writers, tdtype):
-    started = time.perf_counter()
-    hook = engine.hook
-    device = policy.execution_device
-    lws = settings.latent_window_size
-    h, w = height // 8, width // 8
-    cropped = resize_and_center_crop(image, height, width)
+def _condition(settings, text, vision, vae, policy, cropped, tdtype):
+    """Encode prompt(s), start latent and image (SPEC section 2).
 
-    # --- conditioning (SPEC section 2) ---
+    Returns the transformer inputs of each CFG branch and the start latent
+    (1, 16, 1, h, w) float32 on the CPU."""
+    device = policy.execution_device
     with policy.stage("text_encoder", "text_encoder_2"):
         llama, pooler = text.encode(settings.prompt)
         if settings.cfg == 1:
@@ -212,11 +222,11 @@ def _run(settings, engine, image, height, width, sections, text, vision, vae, tr
         else:
             llama_n, pooler_n = text.encode(settings.negative_prompt)
     with policy.stage("vae"):
-        start_latent = vae.encode(image_to_pixels(cropped)).cpu()  # (1, 16, 1, h, w) float32
+        start_latent = vae.encode(image_to_pixels(cropped)).cpu()
     with policy.stage("image_encoder"):
         image_embeds = vision.encode(cropped)  # (1, N, C)
 
-    def cond(vec, pool):
+    def branch(vec, pool):
         vec, mask = crop_or_pad(vec)
         return dict(
             encoder_hidden_states=vec.to(device, tdtype),
@@ -226,8 +236,15 @@ def _run(settings, engine, image, height, width, sections, text, vision, vae, tr
             guidance=torch.tensor([settings.gs * 1000.0], device=device).to(tdtype),
         )
 
-    branches = {"positive": cond(llama, pooler), "negative": cond(llama_n, pooler_n)}
-    del llama, pooler, llama_n, pooler_n
+    return {"positive": branch(llama, pooler), "negative": branch(llama_n, pooler_n)}, start_latent
+
+
+def _run_sections(settings, engine, height, width, sections, branches, start_latent, vae, transformer, policy, cache, writers, tdtype):
+    started = time.perf_counter()
+    hook = engine.hook
+    device = policy.execution_device
+    lws = settings.latent_window_size
+    h, w = height // 8, width // 8
 
     # --- sections (SPEC section 3) ---
     generator = torch.Generator("cpu").manual_seed(settings.seed)

@@ -99,11 +99,21 @@ def hardware_from_dict(data: dict, where: str = "FRAMEPACK_HARDWARE") -> Hardwar
     if data.get("device") not in ("cuda", "mps", "cpu"):
         raise UserError(f"{where}: 'device' must be cuda, mps or cpu, got {data.get('device')!r}")
     values = dict(data)
+    for key in ("vram_total_gb", "vram_free_gb", "ram_total_gb", "ram_available_gb"):
+        value = values.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise UserError(f"{where}: '{key}' must be a number of GB, got {value!r}")
+    if values["device"] == "cuda" and values.get("vram_total_gb") is None:
+        raise UserError(f"{where}: 'vram_total_gb' is required for a cuda device (e.g. 23.6 for a 24 GB card)")
+    if values.get("gpu_name") is not None and not isinstance(values["gpu_name"], str):
+        raise UserError(f"{where}: 'gpu_name' must be a string, got {values['gpu_name']!r}")
     if values.get("compute_capability") is not None:
         cc = values["compute_capability"]
-        if isinstance(cc, str):
-            cc = cc.split(".")
-        values["compute_capability"] = tuple(int(x) for x in cc)
+        try:
+            major, minor = (int(x) for x in (cc.split(".") if isinstance(cc, str) else cc))
+        except (TypeError, ValueError):
+            raise UserError(f"{where}: 'compute_capability' must look like \"8.9\" or [8, 9], got {cc!r}") from None
+        values["compute_capability"] = (major, minor)
     if values["device"] != "cpu":
         values.setdefault("vram_free_gb", values.get("vram_total_gb"))
     values.setdefault("ram_total_gb", 32.0)

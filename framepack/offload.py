@@ -5,12 +5,15 @@ The engine loads every model to CPU RAM, hands them to the policy with
 models that stage runs (``text_encoder``, ``text_encoder_2``,
 ``image_encoder``, ``vae``, ``transformer``). Inputs go to
 ``execution_device``; the policy makes sure the named models can run there.
+``release`` says the job is done with some models (the encoders, once the
+prompt and image are encoded): the policy drops its references so their
+memory goes back as soon as the engine drops its own.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Protocol
+from typing import Protocol
 
 import torch
 
@@ -21,6 +24,8 @@ class OffloadPolicy(Protocol):
     def prepare(self, models: dict[str, torch.nn.Module]) -> None: ...
 
     def stage(self, *names: str) -> contextlib.AbstractContextManager[None]: ...
+
+    def release(self, *names: str) -> None: ...
 
     def describe(self) -> str: ...
 
@@ -50,6 +55,9 @@ class StageTracker:
         if unknown:
             raise KeyError(f"stage names unknown model(s) {unknown}; loaded: {sorted(self.models)}")
 
-    @contextlib.contextmanager
-    def _noop(self) -> Iterator[None]:
-        yield
+    def release(self, *names: str) -> None:
+        self._check(names)
+        for name in names:
+            del self.models[name]
+        if self.execution_device.type == "cuda":
+            torch.cuda.empty_cache()

@@ -48,6 +48,10 @@ class ModelSwapPolicy(StageTracker):
                 self.resident.add(name)
         yield
 
+    def release(self, *names: str) -> None:
+        super().release(*names)
+        self.resident.difference_update(names)
+
     def describe(self) -> str:
         return f"one stage's models at a time on {self.execution_device}, the rest in CPU RAM"
 
