@@ -28,6 +28,11 @@ def _rope(x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], n_text: in
     return torch.cat([apply_rotary_emb(x[:, :-n_text], rotary, sequence_dim=1), x[:, -n_text:]], dim=1)
 
 
+def _qkv(attn: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, L, C) -> query, key, value (B, L, H, D)."""
+    return tuple(proj(x).unflatten(2, (attn.heads, -1)) for proj in (attn.to_q, attn.to_k, attn.to_v))
+
+
 class HunyuanBlockAttnProcessor:
     """For the 20 double-stream and 40 single-stream blocks."""
 
@@ -48,9 +53,7 @@ class HunyuanBlockAttnProcessor:
             hidden_states = torch.cat([hidden_states, encoder_hidden_states], dim=1)
         n_text_inline = encoder_hidden_states.shape[1] if single and encoder_hidden_states is not None else 0
 
-        query = attn.to_q(hidden_states).unflatten(2, (attn.heads, -1))  # (B, L, H, D)
-        key = attn.to_k(hidden_states).unflatten(2, (attn.heads, -1))
-        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
+        query, key, value = _qkv(attn, hidden_states)  # (B, L, H, D)
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
@@ -100,9 +103,7 @@ class RefinerAttnProcessor:
         attention_mask: torch.Tensor | None = None,  # bool (B, 1, L, L)
         **kwargs,
     ) -> torch.Tensor:
-        query = attn.to_q(hidden_states).unflatten(2, (attn.heads, -1))  # (B, L, H, D)
-        key = attn.to_k(hidden_states).unflatten(2, (attn.heads, -1))
-        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
+        query, key, value = _qkv(attn, hidden_states)  # (B, L, H, D)
         out = self.kernel(query, key, value, attention_mask).flatten(2, 3).to(query.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         return out / attn.rescale_output_factor

@@ -67,7 +67,7 @@ def _eprint(text: str) -> None:
 
 def cmd_generate(args) -> int:
     from framepack.assemble import assemble
-    from framepack.generate import generate
+    from framepack.generate import generate, preflight
     from framepack.job import JobSettings, parse_size
     from framepack.progress import ProgressReporter
 
@@ -77,18 +77,8 @@ def cmd_generate(args) -> int:
         variant=args.variant, seconds=args.seconds, steps=args.steps, seed=args.seed, gs=args.gs,
         cfg=args.cfg, rs=args.rs, latent_window_size=args.latent_window_size, resolution=args.resolution,
         size=parse_size(args.size) if args.size else None, latents_out=args.latents_out, model=args.model,
-    ).validate()
-    # Check the user's files before assembling the engine and printing its report,
-    # so a typo gives one line (generate() checks them again; both are cheap).
-    from framepack.inputs import load_image
-    from framepack.models import ModelSource
-    from framepack.writing import check_output_path
-
-    load_image(settings.image)
-    check_output_path(settings.output)
-    if settings.latents_out is not None:
-        check_output_path(settings.latents_out)
-    ModelSource.from_arg(settings.model, settings.variant)
+    )
+    image = preflight(settings)  # one clear line for a bad path, before the report
     extra = [] if args.quiet else [ProgressReporter()]
     engine = assemble(args.profile, args.overrides, args.config_files, extra_plugins=extra)
     if not args.quiet:
@@ -96,7 +86,7 @@ def cmd_generate(args) -> int:
         _eprint(f"profile: {engine.profile.name} ({engine.selection.why})")
         for choice in engine.choices.values():
             _eprint("  " + choice.explain())
-    result = generate(settings, engine)
+    result = generate(settings, engine, image)
     if args.json:
         summary = {
             "outputs": [str(p) for p in result.outputs],

@@ -132,15 +132,29 @@ def save_latents(path: Path, latents: torch.Tensor, settings: JobSettings) -> No
     os.replace(tmp, path)
 
 
-@torch.inference_mode()
-def generate(settings: JobSettings, engine: Engine) -> GenerationResult:
+def preflight(settings: JobSettings) -> np.ndarray:
+    """Check everything the user gave before any model loads; return the image.
+
+    The CLI runs this before it prints the engine report, so a typo in a path
+    is the only line the user sees."""
     settings.validate()
-    started = time.perf_counter()
     image = load_image(settings.image)
-    height, width = target_size(settings, image)
-    output = check_output_path(settings.output)
+    check_output_path(settings.output)
     if settings.latents_out is not None:
         check_output_path(settings.latents_out)
+    ModelSource.from_arg(settings.model, settings.variant)
+    return image
+
+
+@torch.inference_mode()
+def generate(settings: JobSettings, engine: Engine, image: np.ndarray | None = None) -> GenerationResult:
+    """Run a job. ``image`` is the result of ``preflight(settings)`` when the
+    caller already ran it; otherwise the checks run here."""
+    started = time.perf_counter()
+    if image is None:
+        image = preflight(settings)
+    height, width = target_size(settings, image)
+    output = Path(settings.output).expanduser()
     source = ModelSource.from_arg(settings.model, settings.variant)
     ch = engine.choices
     parts = ("transformer",) + ch["text_encoder"].backend.parts + ch["image_encoder"].backend.parts + ch["vae"].backend.parts
