@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from framepack.backends import build_options
 from framepack.config import Profile, ProfileSet, Selection, apply_overrides, load_profiles, select_profile
 from framepack.errors import ConfigError
-from framepack.hardware import HardwareInfo, detect_hardware
+from framepack.hardware import HardwareInfo, detect_hardware, device_present
 from framepack.plugins import BackendRegistry, LoadedPlugins, build_plugin_manager, collect_backends
 
 PREFERENCE_FAMILIES = ("attention", "offload", "cache")
@@ -31,9 +31,12 @@ class Choice:
     plugin: str
     options: Any
     skipped: tuple[str, ...] = ()  # "name: reason" for each preference passed over
+    checked: str = ""  # what the verifier found, e.g. the attention self-check
 
     def explain(self) -> str:
         text = f"{self.family}: {self.name} (plugin {self.plugin})"
+        if self.checked:
+            text += f", {self.checked}"
         if self.skipped:
             text += "; skipped " + "; ".join(self.skipped)
         return text
@@ -55,7 +58,16 @@ class Engine:
         return self.plugins.manager.hook
 
 
-def resolve(registry: BackendRegistry, family: str, names: Iterable[str], profile: Profile, hw: HardwareInfo) -> Choice:
+def resolve(
+    registry: BackendRegistry,
+    family: str,
+    names: Iterable[str],
+    profile: Profile,
+    hw: HardwareInfo,
+    verify: Callable[[Any, Any], tuple[bool, str]] | None = None,
+) -> Choice:
+    """First backend of ``names`` that is registered, can run on ``hw`` and
+    passes ``verify(backend, options)`` -> (ok, what was found)."""
     names = list(names)
     skipped: list[str] = []
     for name in names:
@@ -68,13 +80,55 @@ def resolve(registry: BackendRegistry, family: str, names: Iterable[str], profil
             skipped.append(f"{name}: {reason}")
             continue
         options = build_options(entry.backend.options, profile.options.get(name, {}), profile.where(f"options.{name}"))
-        return Choice(family, name, entry.backend, entry.plugin, options, tuple(skipped))
+        ok, found = verify(entry.backend, options) if verify is not None else (True, "")
+        if not ok:
+            skipped.append(f"{name}: {found}")
+            continue
+        return Choice(family, name, entry.backend, entry.plugin, options, tuple(skipped), found)
     key = family if family in PREFERENCE_FAMILIES or family in ENCODER_FAMILIES else "writers"
+    hint = ""
+    if len(names) == 1 and family in PREFERENCE_FAMILIES:
+        hint = f" (to fall back instead of stopping, give a list, e.g. --set '{family}=[\"{names[0]}\", \"{registry.names(family)[0] if registry.names(family) else names[0]}\"]')"
     raise ConfigError(
         f"{profile.where(key)}: no {family} backend in {names} can run here ("
         + "; ".join(skipped)
         + f"); installed {family} backends: {', '.join(registry.names(family)) or 'none'}"
+        + hint
     )
+
+
+def attention_verifier(hw: HardwareInfo, profile: Profile) -> Callable[[Any, Any], tuple[bool, str]] | None:
+    """Self-check each attention candidate on the job's device and dtype.
+
+    Simulated hardware may name a device this machine lacks; then there is
+    nothing to check on (and nothing can run). sdpa is the reference the
+    others are measured against.
+    """
+    if not device_present(hw.device):
+        return None
+    import torch
+
+    from framepack.attention import build_attention
+    from framepack.attention_check import self_check
+    from framepack.config import torch_dtype
+
+    device, dtype = torch.device(hw.device), torch_dtype(profile.dtype["transformer"])
+
+    where = f"{device.type}/{str(dtype).removeprefix('torch.')}"
+
+    def verify(backend, options) -> tuple[bool, str]:
+        if backend.name == "sdpa":
+            return True, "the reference kernel"
+        try:
+            attention = build_attention(backend, options)
+        except Exception as exc:
+            return False, f"failed to load: {type(exc).__name__}: {exc}"
+        result = self_check(backend.name, attention, device, dtype, backend.version(), backend.tolerance)
+        if result.ok:
+            return True, f"self-check on {where}: {result.reason}"
+        return False, f"self-check failed on {where}: {result.reason}"
+
+    return verify
 
 
 def _check_option_tables(profile: Profile, registry: BackendRegistry) -> None:
@@ -103,8 +157,9 @@ def assemble(
     registry = collect_backends(loaded)
     _check_option_tables(profile, registry)
     engine = Engine(hw, profiles, selection, profile, loaded, registry)
+    verifiers = {"attention": attention_verifier(hw, profile)}
     for family in PREFERENCE_FAMILIES:
-        engine.choices[family] = resolve(registry, family, getattr(profile, family), profile, hw)
+        engine.choices[family] = resolve(registry, family, getattr(profile, family), profile, hw, verifiers.get(family))
     for family in ENCODER_FAMILIES:
         engine.choices[family] = resolve(registry, family, [getattr(profile, family)], profile, hw)
     # Every writer listed runs; each one must be able to.

@@ -18,7 +18,8 @@ import torch
 from diffusers.models.attention_processor import Attention
 from diffusers.models.embeddings import apply_rotary_emb
 
-from framepack.backends import AttentionKernel
+from framepack.attention_masks import MaskedAttention
+from framepack.backends import AttentionBackend, AttentionKernel
 
 
 def _rope(x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], n_text: int) -> torch.Tensor:
@@ -122,3 +123,9 @@ def install_attention(transformer: torch.nn.Module, kernel: AttentionKernel) -> 
             module.set_processor(RefinerAttnProcessor(kernel) if refiner else HunyuanBlockAttnProcessor(kernel))
             count += 1
     return count
+
+
+def build_attention(backend: AttentionBackend, options) -> MaskedAttention:
+    """The kernel with the mask handling its capabilities call for."""
+    varlen = backend.make_varlen_kernel(options) if backend.make_varlen_kernel is not None else None
+    return MaskedAttention(backend.make_kernel(options), backend.supports_mask, varlen)

@@ -44,16 +44,49 @@ class AttentionKernel(Protocol):
         ...
 
 
+class VarlenKernel(Protocol):
+    """Attention over a batch packed without padding (flash-attn's varlen form)."""
+
+    def __call__(
+        self,
+        query: torch.Tensor,  # (total_q, H, D), the batch's rows concatenated
+        key: torch.Tensor,  # (total_k, H, D)
+        value: torch.Tensor,  # (total_k, H, D)
+        cu_seqlens_q: torch.Tensor,  # (B + 1,) int32 offsets into total_q
+        cu_seqlens_k: torch.Tensor,  # (B + 1,) int32 offsets into total_k
+        max_seqlen_q: int,
+        max_seqlen_k: int,
+    ) -> torch.Tensor:  # (total_q, H, D)
+        ...
+
+
+def no_version() -> str:
+    return ""
+
+
 @dataclass(frozen=True)
 class AttentionBackend:
+    """An attention kernel.
+
+    Masks: with batch 1 the engine crops the text and passes no mask, so every
+    kernel works. With a mask (batch > 1, and the token refiner), a kernel
+    with ``supports_mask`` gets the dense bool mask; otherwise the engine uses
+    ``make_varlen_kernel`` when given, else runs the kernel per sample on the
+    unmasked part. A kernel that cannot mask is never handed a mask.
+    """
+
     name: str
     make_kernel: Callable[[Any], AttentionKernel]
-    # Kernels that cannot take a mask are only used where the engine can crop
-    # the text instead (batch 1); they are never handed a mask.
     supports_mask: bool
     unavailable_reason: Callable[[HardwareInfo], str | None] = always_available
     options: type = NoOptions
     description: str = ""
+    make_varlen_kernel: Callable[[Any], VarlenKernel] | None = None
+    # Version of the library behind the kernel; part of the self-check cache key.
+    version: Callable[[], str] = no_version
+    # Largest relative L2 error against sdpa the self-check accepts; None =
+    # the engine's default for the dtype (see framepack.attention_check).
+    tolerance: float | None = None
     family: str = field(default="attention", init=False)
 
 

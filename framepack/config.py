@@ -195,6 +195,12 @@ def load_profiles(extra_files: list[Path] | None = None, include_user_files: boo
     return ProfileSet(profiles_out, raw, sources, disabled, [str(p) for p in files])
 
 
+def torch_dtype(name: str):
+    import torch
+
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
 def _names(value: str | list[str]) -> tuple[str, ...]:
     return (value,) if isinstance(value, str) else tuple(value)
 

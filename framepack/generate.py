@@ -16,9 +16,12 @@ import numpy as np
 import torch
 
 from framepack.assemble import Engine
+from framepack.attention import build_attention
 from framepack.buckets import nearest_bucket, resize_and_center_crop
+from framepack.config import torch_dtype
 from framepack.errors import UserError
 from framepack.events import JobEnd, JobStart, SectionEvent, StepEvent
+from framepack.hardware import device_present
 from framepack.inputs import load_image
 from framepack.job import JobSettings
 from framepack.models import ModelSource
@@ -37,7 +40,6 @@ from framepack.transformer import SectionContext, forward_velocity, load_transfo
 from framepack.video import PixelTimeline
 from framepack.writing import check_output_path, partial_path
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 TEXT_TOKENS = 512  # text embeddings are cropped or zero-padded to this, with a mask
 LATENT_CHANNELS = 16
 
@@ -79,10 +81,8 @@ def target_size(settings: JobSettings, image: np.ndarray) -> tuple[int, int]:
 
 def execution_device(engine: Engine) -> torch.device:
     hw = engine.hardware
-    if hw.simulated:
-        real = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
-        if not real[hw.device]:
-            raise UserError(f"FRAMEPACK_HARDWARE simulates a {hw.device} device, which this machine does not have")
+    if not device_present(hw.device):
+        raise UserError(f"FRAMEPACK_HARDWARE simulates a {hw.device} device, which this machine does not have")
     return torch.device(hw.device)
 
 
@@ -160,7 +160,7 @@ def generate(settings: JobSettings, engine: Engine, image: np.ndarray | None = N
     parts = ("transformer",) + ch["text_encoder"].backend.parts + ch["image_encoder"].backend.parts + ch["vae"].backend.parts
     source.check_parts(parts)
     device = execution_device(engine)
-    dtype = {part: DTYPES[name] for part, name in engine.profile.dtype.items()}
+    dtype = {part: torch_dtype(name) for part, name in engine.profile.dtype.items()}
 
     lws = settings.latent_window_size
     sections = section_count(settings.seconds, lws)
@@ -178,12 +178,12 @@ def generate(settings: JobSettings, engine: Engine, image: np.ndarray | None = N
     )
 
     # Load everything to CPU RAM; the offload policy places it.
-    kernel = ch["attention"].backend.make_kernel(ch["attention"].options)
+    attention = build_attention(ch["attention"].backend, ch["attention"].options)
     text = ch["text_encoder"].backend.load(source, ch["text_encoder"].options, dtype["text_encoder"])
     vision = ch["image_encoder"].backend.load(source, ch["image_encoder"].options, dtype["image_encoder"])
     vae = ch["vae"].backend.load(source, ch["vae"].options, dtype["vae"])
     vae.set_tiling(engine.profile.vae_tiling)
-    transformer = load_transformer(source, dtype["transformer"], kernel)
+    transformer = load_transformer(source, dtype["transformer"], attention)
     policy = ch["offload"].backend.make_policy(ch["offload"].options, device)
     policy.prepare({**text.modules, **vision.modules, **vae.modules, "transformer": transformer})
     cache = ch["cache"].backend.make_cache(ch["cache"].options)

@@ -132,3 +132,14 @@ def detect_hardware() -> HardwareInfo:
             raise UserError("FRAMEPACK_HARDWARE must be a JSON object")
         return hardware_from_dict(data)
     return _detect_real()
+
+
+def device_present(device: str) -> bool:
+    """Whether this process can really run on ``device`` (simulation aside)."""
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.is_available()
+    if device == "mps":
+        return torch.backends.mps.is_available()
+    return device == "cpu"
