@@ -11,17 +11,17 @@ from framepack.backends import AttentionKernel
 
 
 def keep_output_head_fp32(transformer: torch.nn.Module) -> None:
-    """Run norm_out and proj_out in float32, as the original does
-    (``high_quality_fp32_output_for_inference``): the velocity then loses no
-    precision to bf16 on its way out of the last layer."""
-    transformer.norm_out.float()
+    """Run proj_out in float32 on a float32 copy of its input, as the original
+    does (``high_quality_fp32_output_for_inference``): norm_out stays in the
+    model dtype, the upcast happens after it, so the velocity loses no
+    precision to bf16 in the last matmul. (Upcasting norm_out too would round
+    differently from the original.)"""
     transformer.proj_out.float()
 
     def upcast(module, args):
-        hidden, temb = args
-        return hidden.float(), temb
+        return (args[0].float(),)
 
-    transformer.norm_out.register_forward_pre_hook(upcast)
+    transformer.proj_out.register_forward_pre_hook(upcast)
 
 
 def load_transformer(source, dtype: torch.dtype, kernel: AttentionKernel) -> torch.nn.Module:

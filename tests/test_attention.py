@@ -71,3 +71,23 @@ def test_kernel_reaches_every_attention_module_including_the_refiner(transformer
     assert len(seen) == n_modules == 3  # refiner, double block, single block
     # The refiner attends over the 12 padded text tokens with a mask.
     assert 12 in seen
+
+
+def test_bf16_transformer_keeps_only_proj_out_in_fp32(tiny_model):
+    from framepack.transformer import keep_output_head_fp32
+
+    model = HunyuanVideoFramepackTransformer3DModel.from_pretrained(
+        tiny_model, subfolder="transformer", torch_dtype=torch.bfloat16
+    ).eval()
+    keep_output_head_fp32(model)
+    seen = {}
+    def record(module, args, out):
+        seen["norm_out"] = out.dtype  # returns None: a forward hook's return value would replace the output
+
+    model.norm_out.register_forward_hook(record)
+    x = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in inputs(1, [7]).items()}
+    with torch.no_grad():
+        out = model(**x, return_dict=False)[0]
+    # As the original: norm_out in bf16, then the upcast, proj_out in float32.
+    assert seen["norm_out"] == torch.bfloat16
+    assert model.proj_out.weight.dtype == torch.float32 and out.dtype == torch.float32
