@@ -25,6 +25,8 @@ class SectionEvent:
     count: int
     phase: str  # "start" or "end"
     elapsed_s: float
+    computed: int = 0  # transformer calls the step cache let run (on "end")
+    skipped: int = 0  # transformer calls it skipped (on "end")
 
 
 @dataclass(frozen=True)

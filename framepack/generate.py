@@ -314,7 +314,10 @@ def _run_sections(settings, engine, height, width, sections, branches, start_lat
         with policy.stage("vae"):
             pixels = vae.decode(to_decode)
         writers.add(timeline.add(pixels), at_front=inverted)
-        hook.framepack_on_section(event=SectionEvent(index, sections, "end", time.perf_counter() - started))
+        hook.framepack_on_section(
+            event=SectionEvent(index, sections, "end", time.perf_counter() - started,
+                               computed=result.computed_steps[-1], skipped=result.skipped_steps[-1])
+        )
 
     writers.add(timeline.finish(), at_front=inverted)
     result.latents = history[:, :, :generated] if inverted else history[:, :, -generated:]

@@ -66,7 +66,8 @@ class ProgressReporter:
     @hookimpl
     def framepack_on_section(self, event) -> None:
         if event.phase == "end":
-            self._print(f"section {event.index + 1}/{event.count} done at {_duration(event.elapsed_s)}")
+            calls = f"{event.computed} transformer calls computed, {event.skipped} skipped"
+            self._print(f"section {event.index + 1}/{event.count} done at {_duration(event.elapsed_s)} ({calls})")
 
     @hookimpl
     def framepack_on_job_end(self, event) -> None:
