@@ -116,8 +116,10 @@ class CacheBackend:
 class EncoderBackend:
     name: str
     kind: str  # "text", "image" or "vae"
-    # load(model_source, options, dtype) -> an encoder object (see framepack.encoding)
-    load: Callable[[Any, Any, torch.dtype], Any]
+    # load(model_source, options, dtype, quantize) -> an encoder object (see
+    # plugins/encoders/); quantize is the profile's weight format for this
+    # part ("none" or "nf4"); a backend that cannot quantize raises UserError.
+    load: Callable[[Any, Any, torch.dtype, str], Any]
     # Subfolders of a model folder this encoder reads, checked before loading.
     parts: tuple[str, ...] = ()
     unavailable_reason: Callable[[HardwareInfo], str | None] = always_available

@@ -31,6 +31,9 @@ from framepack.hardware import HardwareInfo
 SHIPPED = Path(__file__).with_name("framepack.toml")
 DTYPES = ("bfloat16", "float16", "float32")
 DTYPE_PARTS = ("transformer", "text_encoder", "image_encoder", "vae")
+# Weight formats: fp8 = float8 storage, computed in the part's dtype;
+# nf4 = 4-bit NormalFloat (bitsandbytes).
+QUANTIZE = {"transformer": ("none", "fp8", "nf4"), "text_encoder": ("none", "nf4")}
 
 # key -> (type description, checker)
 _LIST_OF_NAMES = ("a name or a list of names", lambda v: isinstance(v, str) or (isinstance(v, list) and v and all(isinstance(x, str) for x in v)))
@@ -49,6 +52,7 @@ PROFILE_KEYS: dict[str, tuple[str, Any]] = {
     "text_encoder": ("a backend name", lambda v: isinstance(v, str)),
     "image_encoder": ("a backend name", lambda v: isinstance(v, str)),
     "vae": ("a backend name", lambda v: isinstance(v, str)),
+    "quantize": ("a table", lambda v: isinstance(v, dict)),
     "options": ("a table of backend tables", lambda v: isinstance(v, dict) and all(isinstance(t, dict) for t in v.values())),
 }
 MATCH_KEYS: dict[str, tuple[str, Any]] = {
@@ -82,7 +86,8 @@ class Profile:
     options: dict[str, dict[str, Any]]
     text_encoder: str = "hunyuan"
     image_encoder: str = "siglip"
-    vae: str = "hunyuan"
+    vae: str = "hunyuan_vae"
+    quantize: dict[str, str] = field(default_factory=lambda: {"transformer": "none", "text_encoder": "none"})
 
     def where(self, key: str) -> str:
         return f"{' + '.join(self.sources)}: [profiles.{self.name}] {key}"
@@ -112,6 +117,12 @@ def validate_profile_table(where: str, name: str, table: dict[str, Any]) -> None
         _check_key(where, tname, key, value, PROFILE_KEYS)
     for key, value in table.get("match", {}).items():
         _check_key(where, f"{tname}.match", key, value, MATCH_KEYS)
+    for key, value in table.get("quantize", {}).items():
+        allowed = QUANTIZE.get(key)
+        if allowed is None:
+            raise ConfigError(f"{where}: [{tname}.quantize] unknown key '{key}' (known keys: {', '.join(QUANTIZE)})")
+        if value not in allowed:
+            raise ConfigError(f"{where}: [{tname}.quantize] key '{key}' must be one of {', '.join(allowed)}, got {value!r}")
     for key, value in table.get("dtype", {}).items():
         if key not in DTYPE_PARTS:
             raise ConfigError(f"{where}: [{tname}.dtype] unknown key '{key}' (known keys: {', '.join(DTYPE_PARTS)})")
@@ -229,7 +240,8 @@ def finish_profile(name: str, table: dict[str, Any], sources: tuple[str, ...]) -
         options=copy.deepcopy(table.get("options", {})),
         text_encoder=table.get("text_encoder", "hunyuan"),
         image_encoder=table.get("image_encoder", "siglip"),
-        vae=table.get("vae", "hunyuan"),
+        vae=table.get("vae", "hunyuan_vae"),
+        quantize={"transformer": "none", "text_encoder": "none", **table.get("quantize", {})},
     )
 
 

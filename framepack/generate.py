@@ -179,11 +179,12 @@ def generate(settings: JobSettings, engine: Engine, image: np.ndarray | None = N
 
     # Load everything to CPU RAM; the offload policy places it.
     attention = build_attention(ch["attention"].backend, ch["attention"].options)
-    text = ch["text_encoder"].backend.load(source, ch["text_encoder"].options, dtype["text_encoder"])
-    vision = ch["image_encoder"].backend.load(source, ch["image_encoder"].options, dtype["image_encoder"])
-    vae = ch["vae"].backend.load(source, ch["vae"].options, dtype["vae"])
+    quantize = engine.profile.quantize
+    text = ch["text_encoder"].backend.load(source, ch["text_encoder"].options, dtype["text_encoder"], quantize["text_encoder"])
+    vision = ch["image_encoder"].backend.load(source, ch["image_encoder"].options, dtype["image_encoder"], "none")
+    vae = ch["vae"].backend.load(source, ch["vae"].options, dtype["vae"], "none")
     vae.set_tiling(engine.profile.vae_tiling)
-    transformer = load_transformer(source, dtype["transformer"], attention)
+    transformer = load_transformer(source, dtype["transformer"], attention, quantize["transformer"], device)
     policy = ch["offload"].backend.make_policy(ch["offload"].options, device)
     policy.prepare({**text.modules, **vision.modules, **vae.modules, "transformer": transformer})
     cache = ch["cache"].backend.make_cache(ch["cache"].options)

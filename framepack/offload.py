@@ -37,6 +37,12 @@ def resolve_device(device: torch.device | str) -> torch.device:
     return device
 
 
+def module_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the module's parameters and buffers as stored now."""
+    tensors = list(module.parameters()) + list(module.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def module_device(module: torch.nn.Module) -> torch.device:
     for p in module.parameters():
         return p.device

@@ -24,13 +24,22 @@ def keep_output_head_fp32(transformer: torch.nn.Module) -> None:
     transformer.proj_out.register_forward_pre_hook(upcast)
 
 
-def load_transformer(source, dtype: torch.dtype, kernel: AttentionKernel) -> torch.nn.Module:
+def load_transformer(
+    source, dtype: torch.dtype, kernel: AttentionKernel, quantize: str = "none", device: torch.device | None = None
+) -> torch.nn.Module:
+    """Load, install the attention kernel, apply the weight format.
+
+    quantize: "none", "fp8" (float8 storage, computed in ``dtype``) or "nf4"
+    (needs CUDA; ``device`` is where it will run)."""
     from diffusers import HunyuanVideoFramepackTransformer3DModel
 
+    from framepack.quantize import apply_fp8_storage, transformer_quantization_config
+
+    config = transformer_quantization_config(quantize, dtype, device or torch.device("cpu"))
     where, sub = source.location("transformer")
     with source.loading("transformer"):
         model = HunyuanVideoFramepackTransformer3DModel.from_pretrained(
-            where, subfolder=sub, torch_dtype=dtype, use_safetensors=True
+            where, subfolder=sub, torch_dtype=dtype, use_safetensors=True, quantization_config=config
         )
     model.eval().requires_grad_(False)
     if not (model.config.has_image_proj and model.config.has_clean_x_embedder):
@@ -38,6 +47,8 @@ def load_transformer(source, dtype: torch.dtype, kernel: AttentionKernel) -> tor
     install_attention(model, kernel)
     if dtype != torch.float32:
         keep_output_head_fp32(model)
+    if quantize == "fp8":
+        apply_fp8_storage(model, dtype)
     return model
 
 

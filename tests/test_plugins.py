@@ -71,7 +71,7 @@ def test_builtins_register_the_defaults():
     assert registry.names("writer") == ["mp4"]
     assert registry.names("text_encoder") == ["hunyuan"]
     assert registry.names("image_encoder") == ["siglip"]
-    assert registry.names("vae") == ["hunyuan"]
+    assert registry.names("vae") == ["hunyuan_vae"]
 
 
 def test_third_party_backend_is_discovered_and_selected_by_a_profile(plugin_dir, run_in_tmp):

@@ -51,16 +51,21 @@ class HunyuanTextEncoder:
         return llama_vec, pooler
 
 
-def load(source, options, dtype: torch.dtype) -> HunyuanTextEncoder:
+def load(source, options, dtype: torch.dtype, quantize: str = "none") -> HunyuanTextEncoder:
     from transformers import AutoTokenizer, CLIPTextModel, LlamaModel
+
+    from framepack.quantize import text_quantization_config
 
     # AutoTokenizer, not LlamaTokenizerFast: in transformers 5 that class
     # rebuilds a Llama-3 style tokenizer from its vocabulary and gets ids wrong.
     parts = {}
-    for part, cls in (("text_encoder", LlamaModel), ("text_encoder_2", CLIPTextModel)):
+    # NF4 applies to the 8B Llama only; CLIP-L is small enough as it is.
+    llama_quant = text_quantization_config(quantize, dtype)
+    for part, cls, quant in (("text_encoder", LlamaModel, llama_quant), ("text_encoder_2", CLIPTextModel, None)):
         where, sub = source.location(part)
+        extra = {"quantization_config": quant} if quant is not None else {}
         with source.loading(part):
-            parts[part] = cls.from_pretrained(where, subfolder=sub, dtype=dtype, use_safetensors=True).eval()
+            parts[part] = cls.from_pretrained(where, subfolder=sub, dtype=dtype, use_safetensors=True, **extra).eval()
     for part in ("tokenizer", "tokenizer_2"):
         where, sub = source.location(part)
         with source.loading(part):

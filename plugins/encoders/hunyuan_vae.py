@@ -39,7 +39,7 @@ class HunyuanVae:
         return self.vae.decode(latents).sample.float()
 
 
-def load(source, options, dtype: torch.dtype) -> HunyuanVae:
+def load(source, options, dtype: torch.dtype, quantize: str = "none") -> HunyuanVae:
     from diffusers import AutoencoderKLHunyuanVideo
 
     where, sub = source.location("vae")
@@ -52,7 +52,7 @@ def load(source, options, dtype: torch.dtype) -> HunyuanVae:
 def framepack_register_encoders(register):
     register(
         EncoderBackend(
-            name="hunyuan",
+            name="hunyuan_vae",
             kind="vae",
             load=load,
             parts=("vae",),

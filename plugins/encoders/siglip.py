@@ -23,7 +23,7 @@ class SiglipImageEncoder:
         return self.model(pixel_values=pixels.to(module_device(self.model), param.dtype)).last_hidden_state
 
 
-def load(source, options, dtype: torch.dtype) -> SiglipImageEncoder:
+def load(source, options, dtype: torch.dtype, quantize: str = "none") -> SiglipImageEncoder:
     where, sub = source.location("image_encoder")
     with source.loading("image_encoder"):
         # Imported in the quiet block: the processor class announces its

@@ -2,33 +2,60 @@
 
 Weights live in CPU RAM; entering a stage moves its models to the
 accelerator and moves every other model back first, so the peak is the
-largest stage rather than the sum. The transformer still has to fit whole;
-block-level streaming for small cards is a separate policy.
+largest stage rather than the sum. Before a move on CUDA it checks the model
+fits while `reserve_gb` stays free, and stops with the numbers if not (instead
+of an out-of-memory error half-way through a video).
+
+Subclasses stream some models layer by layer instead (``streamed``): those
+are never moved whole.
 """
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
 from framepack.backends import OffloadBackend
+from framepack.errors import FramepackError
 from framepack.hookspecs import hookimpl
-from framepack.offload import StageTracker, module_device
+from framepack.offload import StageTracker, module_bytes, module_device
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class ModelSwapOptions:
+    reserve_gb: float = 1.0  # VRAM kept free for activations and the allocator
 
 
 class ModelSwapPolicy(StageTracker):
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, options: ModelSwapOptions = ModelSwapOptions()) -> None:
         super().__init__(device)
+        self.options = options
         self.resident: set[str] = set()
-        self.swaps = 0  # how many model moves to the accelerator (for tests and logs)
+        self.streamed: set[str] = set()  # handled per layer by a subclass
+        self.swaps = 0  # model moves to the accelerator (for tests and logs)
 
     def prepare(self, models: dict[str, torch.nn.Module]) -> None:
         self.models = dict(models)
         for module in self.models.values():
             module.to("cpu")
         self.resident.clear()
+
+    def _check_fits(self, name: str) -> None:
+        if self.execution_device.type != "cuda":
+            return
+        need = module_bytes(self.models[name]) / GIB
+        free = torch.cuda.mem_get_info(self.execution_device)[0] / GIB
+        if need > free - self.options.reserve_gb:
+            raise FramepackError(
+                f"{name} needs {need:.1f} GB of VRAM but {free:.1f} GB is free and "
+                f"{self.options.reserve_gb:g} GB must stay in reserve; use a profile that streams it "
+                "(offload = [\"stream_prefetch\", \"dynamic_swap\"]) or lower reserve_gb"
+            )
 
     @contextlib.contextmanager
     def stage(self, *names: str) -> Iterator[None]:
@@ -41,16 +68,19 @@ class ModelSwapPolicy(StageTracker):
             # Give the freed blocks back before the next model's copy needs them.
             torch.cuda.empty_cache()
         for name in names:
-            if name not in self.resident:
-                if module_device(self.models[name]) != self.execution_device:
-                    self.swaps += 1
-                self.models[name].to(self.execution_device)
-                self.resident.add(name)
+            if name in self.resident or name in self.streamed:
+                continue
+            if module_device(self.models[name]) != self.execution_device:
+                self._check_fits(name)
+                self.swaps += 1
+            self.models[name].to(self.execution_device)
+            self.resident.add(name)
         yield
 
     def release(self, *names: str) -> None:
         super().release(*names)
         self.resident.difference_update(names)
+        self.streamed.difference_update(names)
 
     def describe(self) -> str:
         return f"one stage's models at a time on {self.execution_device}, the rest in CPU RAM"
@@ -61,7 +91,8 @@ def framepack_register_offload(register):
     register(
         OffloadBackend(
             name="model_swap",
-            make_policy=lambda options, device: ModelSwapPolicy(device),
+            make_policy=lambda options, device: ModelSwapPolicy(device, options),
+            options=ModelSwapOptions,
             description="only the running stage's models on the accelerator, the rest in CPU RAM",
         )
     )
