@@ -168,8 +168,8 @@ def cmd_plugins(args) -> int:
         print(f"{family}:")
         for e in entries:
             state = "ok" if e["available"] else f"cannot run here: {e['reason']}"
-            print(f"  {e["name"]:<16} {state:<28} {e['description']}")
-            print(f"  {"":<16} {e["source"]}")
+            print(f"  {e['name']:<16} {state:<28} {e['description']}")
+            print(f"  {'':<16} {e['source']}")
     for name, why in loaded.skipped.items():
         print(f"skipped plugin {name}: {why}")
     return 0
