@@ -25,6 +25,7 @@ from framepack.hardware import device_present
 from framepack.inputs import load_image
 from framepack.job import JobSettings
 from framepack.models import ModelSource
+from framepack.prompt_cache import PromptCache, encoder_fingerprint
 from framepack.sampling import make_x0_model, sample_unipc, section_sigmas
 from framepack.sections import (
     FPS,
@@ -180,21 +181,33 @@ def generate(settings: JobSettings, engine: Engine, image: np.ndarray | None = N
     # Load everything to CPU RAM; the offload policy places it.
     attention = build_attention(ch["attention"].backend, ch["attention"].options)
     quantize = engine.profile.quantize
-    text = ch["text_encoder"].backend.load(source, ch["text_encoder"].options, dtype["text_encoder"], quantize["text_encoder"])
+    prompts = list(dict.fromkeys([settings.prompt] + ([settings.negative_prompt] if settings.cfg != 1 else [])))
+    cached, store = _cached_prompts(settings, engine, source, prompts, dtype["text_encoder"])
+    missing = [p for p in prompts if p not in cached]
+    text = None
+    if missing:  # the 16 GB Llama loads only when a prompt is not in the cache
+        text = ch["text_encoder"].backend.load(source, ch["text_encoder"].options, dtype["text_encoder"], quantize["text_encoder"])
     vision = ch["image_encoder"].backend.load(source, ch["image_encoder"].options, dtype["image_encoder"], "none")
     vae = ch["vae"].backend.load(source, ch["vae"].options, dtype["vae"], "none")
     vae.set_tiling(engine.profile.vae_tiling)
     transformer = load_transformer(source, dtype["transformer"], attention, quantize["transformer"], device)
     policy = ch["offload"].backend.make_policy(ch["offload"].options, device)
-    policy.prepare({**text.modules, **vision.modules, **vae.modules, "transformer": transformer})
+    policy.prepare({**(text.modules if text else {}), **vision.modules, **vae.modules, "transformer": transformer})
     cache = ch["cache"].backend.make_cache(ch["cache"].options)
     cache.bind(transformer)
 
     cropped = resize_and_center_crop(image, height, width)
-    branches, start_latent = _condition(settings, text, vision, vae, policy, cropped, dtype["transformer"])
-    # The encoders are done: let their memory go (16 GB for the real Llama).
-    policy.release(*text.modules, *vision.modules)
-    del text, vision
+    embeddings = dict(cached)
+    if text is not None:
+        with policy.stage("text_encoder", "text_encoder_2"):
+            for prompt in missing:
+                embeddings[prompt] = text.encode(prompt)
+        store({p: embeddings[p] for p in missing})
+        policy.release(*text.modules)  # done with it: its memory goes (16 GB for the real Llama)
+        del text
+    branches, start_latent = _condition(settings, embeddings, vision, vae, policy, cropped, dtype["transformer"])
+    policy.release(*vision.modules)
+    del vision
 
     writers = None
     status, error = "failed", None
@@ -223,19 +236,48 @@ def generate(settings: JobSettings, engine: Engine, image: np.ndarray | None = N
     return result
 
 
-def _condition(settings, text, vision, vae, policy, cropped, tdtype):
-    """Encode prompt(s), start latent and image (SPEC section 2).
+def _cached_prompts(settings, engine, source, prompts, text_dtype):
+    """-> (embeddings found in the disk cache, a function that stores new ones)."""
+    if not settings.prompt_cache:
+        return {}, lambda new: None
+    choice = engine.choices["text_encoder"]
+    quantize = engine.profile.quantize["text_encoder"]
+    cache = PromptCache()
+
+    def fingerprint():
+        return encoder_fingerprint(source, choice.name, text_dtype, quantize)
+
+    found = {}
+    known = fingerprint()
+    if known is not None:
+        for prompt in prompts:
+            hit = cache.get(PromptCache.key(prompt, known))
+            if hit is not None:
+                found[prompt] = hit
+
+    def store(new):
+        # Hub files are only local after the first load, so ask again now.
+        key_base = known or fingerprint()
+        if key_base is not None:
+            for prompt, (llama, pooler) in new.items():
+                cache.put(PromptCache.key(prompt, key_base), llama, pooler, prompt)
+
+    return found, store
+
+
+def _condition(settings, embeddings, vision, vae, policy, cropped, tdtype):
+    """Start latent and image embedding, plus the prompt embeddings already
+    computed (SPEC section 2).
 
     Returns the transformer inputs of each CFG branch and the start latent
     (1, 16, 1, h, w) float32 on the CPU."""
     device = policy.execution_device
-    with policy.stage("text_encoder", "text_encoder_2"):
-        llama, pooler = text.encode(settings.prompt)
-        if settings.cfg == 1:
-            # No negative pass runs; zeros keep the shapes the original passes.
-            llama_n, pooler_n = torch.zeros_like(llama), torch.zeros_like(pooler)
-        else:
-            llama_n, pooler_n = text.encode(settings.negative_prompt)
+    llama, pooler = embeddings[settings.prompt]
+    if settings.cfg == 1:
+        # No negative pass runs; zeros keep the shapes the original passes.
+        llama_n, pooler_n = torch.zeros_like(llama), torch.zeros_like(pooler)
+    else:
+        llama_n, pooler_n = embeddings[settings.negative_prompt]
     with policy.stage("vae"):
         start_latent = vae.encode(image_to_pixels(cropped)).cpu()
     with policy.stage("image_encoder"):

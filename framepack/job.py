@@ -32,6 +32,7 @@ class JobSettings:
     size: tuple[int, int] | None = None  # (height, width), overrides the bucket
     latents_out: Path | None = None
     model: str | None = None
+    prompt_cache: bool = True  # reuse prompt embeddings cached on disk
 
     def validate(self) -> "JobSettings":
         def bad(name: str, value, why: str) -> UserError:

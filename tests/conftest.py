@@ -14,8 +14,10 @@ from framepack.tiny_model import make_tiny_model
 
 @pytest.fixture(autouse=True)
 def _isolated_environment(monkeypatch, tmp_path_factory):
-    """No user profile files, no simulated hardware, no plugin switches leak in."""
+    """No user profile files, no simulated hardware, no plugin switches leak
+    in, and caches go to a temporary folder per test."""
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.mktemp("xdg")))
+    monkeypatch.setenv("FRAMEPACK_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
     for var in ("FRAMEPACK_HARDWARE", "FRAMEPACK_DISABLE_PLUGIN_AUTOLOAD"):
         monkeypatch.delenv(var, raising=False)
 
