@@ -87,8 +87,11 @@ def resolve(
         return Choice(family, name, entry.backend, entry.plugin, options, tuple(skipped), found)
     key = family if family in PREFERENCE_FAMILIES or family in ENCODER_FAMILIES else "writers"
     hint = ""
-    if len(names) == 1 and family in PREFERENCE_FAMILIES:
-        hint = f" (to fall back instead of stopping, give a list, e.g. --set '{family}=[\"{names[0]}\", \"{registry.names(family)[0] if registry.names(family) else names[0]}\"]')"
+    runnable = [r.backend.name for r in registry.items(family)
+                if r.backend.name not in names and r.backend.unavailable_reason(hw) is None]
+    if len(names) == 1 and family in PREFERENCE_FAMILIES and runnable:
+        fallback = "sdpa" if "sdpa" in runnable else runnable[0]
+        hint = f" (to fall back instead of stopping, give a list, e.g. --set '{family}=[\"{names[0]}\", \"{fallback}\"]')"
     raise ConfigError(
         f"{profile.where(key)}: no {family} backend in {names} can run here ("
         + "; ".join(skipped)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 import traceback
@@ -46,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--latents-out", type=Path, help="also write the finished latents to this .safetensors file")
     g.add_argument("--json", action="store_true", help="print a JSON summary on stdout when done")
     g.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    g.add_argument("--no-prompt-cache", action="store_true",
+                   help="encode the prompt even if its embedding is cached on disk (and do not cache it)")
     _add_profile_args(g)
 
     p = sub.add_parser("profiles", help="list profiles, which one matches this machine, and why")
@@ -55,9 +58,31 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plugins", help="list backends per family, where each came from, and whether it can run here")
     pl.add_argument("--json", action="store_true")
 
+    k = sub.add_parser("cache", help="show or clear the prompt-embedding cache")
+    k.add_argument("action", choices=("info", "clear"))
+
     t = sub.add_parser("make-tiny-model", help="write a model folder with tiny random weights (for tests and offline demos)")
     t.add_argument("dir", type=Path)
     t.add_argument("--seed", type=int, default=0)
+
+    c = sub.add_parser("calibrate", help="fit a step cache to your model: run uncached, measure, write a calibration file")
+    c.add_argument("--cache", required=True, choices=("teacache", "magcache"), help="which cache to calibrate")
+    c.add_argument("--image", required=True, type=Path, help="start image of the measured run")
+    c.add_argument("--prompt", required=True, help="prompt of the measured run")
+    c.add_argument("--negative-prompt", default="", help="used only when --cfg > 1")
+    c.add_argument("--model", help="local model folder or hub repo id (default: the original hub repos)")
+    c.add_argument("--variant", choices=("original", "f1"), default="original")
+    c.add_argument("--seconds", type=float, default=5.0, help="video length; more sections give more measurements (default 5)")
+    c.add_argument("--steps", type=int, default=25, help="sampler steps per section, as you will generate (default 25)")
+    c.add_argument("--seed", type=int, default=31337)
+    c.add_argument("--gs", type=float, default=10.0)
+    c.add_argument("--cfg", type=float, default=1.0, help="> 1 also measures the negative branch")
+    c.add_argument("--resolution", type=int, default=640)
+    c.add_argument("--size", help="exact HEIGHTxWIDTH, multiples of 16 (overrides --resolution)")
+    c.add_argument("--output", type=Path, help="calibration file to write (default calibration_<cache>_<variant>_<steps>steps.json)")
+    c.add_argument("--json", action="store_true", help="print the calibration file's summary as JSON on stdout")
+    c.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    _add_profile_args(c)
     return parser
 
 
@@ -77,6 +102,7 @@ def cmd_generate(args) -> int:
         variant=args.variant, seconds=args.seconds, steps=args.steps, seed=args.seed, gs=args.gs,
         cfg=args.cfg, rs=args.rs, latent_window_size=args.latent_window_size, resolution=args.resolution,
         size=parse_size(args.size) if args.size else None, latents_out=args.latents_out, model=args.model,
+        prompt_cache=not args.no_prompt_cache,
     )
     image = preflight(settings)  # one clear line for a bad path, before the report
     extra = [] if args.quiet else [ProgressReporter()]
@@ -175,6 +201,20 @@ def cmd_plugins(args) -> int:
     return 0
 
 
+def cmd_cache(args) -> int:
+    from framepack.prompt_cache import PromptCache
+
+    cache = PromptCache()
+    if args.action == "clear":
+        print(f"removed {cache.clear()} cached prompt embedding(s) from {cache.root}")
+        return 0
+    entries = cache.entries()
+    size = sum(p.stat().st_size for p in entries) / 1024**2
+    print(f"{cache.root}: {len(entries)} cached prompt embedding(s), {size:.1f} MB "
+          f"(keeps at most {cache.max_entries} entries, {cache.max_bytes / 1024**3:g} GB)")
+    return 0
+
+
 def cmd_make_tiny_model(args) -> int:
     from framepack.tiny_model import make_tiny_model
 
@@ -186,11 +226,43 @@ def cmd_make_tiny_model(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "profiles": cmd_profiles, "plugins": cmd_plugins, "make-tiny-model": cmd_make_tiny_model}
+def cmd_calibrate(args) -> int:
+    from framepack.calibrate import run_calibration
+    from framepack.job import JobSettings, parse_size
+    from framepack.progress import ProgressReporter
+
+    output = args.output or Path(f"calibration_{args.cache}_{args.variant}_{args.steps}steps.json")
+    settings = JobSettings(
+        image=args.image, prompt=args.prompt, negative_prompt=args.negative_prompt, output=Path("unused.mp4"),
+        variant=args.variant, seconds=args.seconds, steps=args.steps, seed=args.seed, gs=args.gs, cfg=args.cfg,
+        resolution=args.resolution, size=parse_size(args.size) if args.size else None, model=args.model,
+    )
+    extra = [] if args.quiet else [ProgressReporter()]
+    payload = run_calibration(settings, args.cache, output, args.profile, args.overrides, args.config_files, extra_plugins=extra)
+    summary = {k: v for k, v in payload.items() if k != "data"}
+    summary["data"] = {k: v for k, v in payload["data"].items() if k not in ("pairs", "std")}
+    summary["path"] = str(output)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    if not args.quiet:
+        _eprint(f"wrote {output}; use it with --set options.{args.cache}.calibration={output} --set cache={args.cache}")
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "profiles": cmd_profiles, "plugins": cmd_plugins, "make-tiny-model": cmd_make_tiny_model, "cache": cmd_cache,
+            "calibrate": cmd_calibrate}
+
+
+def quiet_library_logs() -> None:
+    """bitsandbytes warns on import that it could not fetch an optional CPU
+    kernel from the hub; that is noise for our users (we never want the
+    download), so only its errors get through."""
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_library_logs()
     try:
         return COMMANDS[args.command](args)
     except FramepackError as exc:

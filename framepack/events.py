@@ -17,6 +17,7 @@ class JobStart:
     frames: int
     width: int
     height: int
+    plan: str = ""  # the memory estimate, e.g. "about 5.3 GB VRAM, 15.1 GB RAM with offload ..."
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from framepack.hardware import device_present
 from framepack.inputs import load_image
 from framepack.job import JobSettings
 from framepack.models import ModelSource
+from framepack.planning import plan_job
 from framepack.prompt_cache import PromptCache, encoder_fingerprint
 from framepack.sampling import make_x0_model, sample_unipc, section_sigmas
 from framepack.sections import (
@@ -160,11 +161,11 @@ def generate(settings: JobSettings, engine: Engine, image: np.ndarray | None = N
     ch = engine.choices
     parts = ("transformer",) + ch["text_encoder"].backend.parts + ch["image_encoder"].backend.parts + ch["vae"].backend.parts
     source.check_parts(parts)
-    device = execution_device(engine)
-    dtype = {part: torch_dtype(name) for part, name in engine.profile.dtype.items()}
-
     lws = settings.latent_window_size
     sections = section_count(settings.seconds, lws)
+    plan = plan_job(engine, source, height, width, total_pixel_frames(sections, lws), lws, settings.variant == "original")
+    device = execution_device(engine)
+    dtype = {part: torch_dtype(name) for part, name in engine.profile.dtype.items()}
     hook = engine.hook
     hook.framepack_on_job_start(
         event=JobStart(
@@ -175,6 +176,7 @@ def generate(settings: JobSettings, engine: Engine, image: np.ndarray | None = N
             frames=total_pixel_frames(sections, lws),
             width=width,
             height=height,
+            plan=plan.summary(),
         )
     )
 

@@ -42,6 +42,8 @@ class ProgressReporter:
             f"framepack: {event.sections} section(s), {event.frames} frames at {event.width}x{event.height}, "
             f"{event.settings.steps} steps, seed {event.settings.seed}"
         )
+        if event.plan:
+            self._print(f"memory plan: {event.plan}")
         self.total_steps = event.sections * event.settings.steps
 
     @hookimpl

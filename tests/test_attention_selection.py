@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from diffusers import HunyuanVideoFramepackTransformer3DModel
 
 from framepack.assemble import assemble
@@ -168,7 +167,7 @@ def test_forcing_a_broken_kernel_stops_with_the_reason_and_a_hint():
         assemble(profile_name="cpu", overrides=["attention=wrongfast"], hardware=CPU,
                  extra_plugins=[WrongKernelPlugin()], include_user_files=False)
     message = str(err.value)
-    assert "self-check failed" in message and "installed attention backends: sdpa, wrongfast" in message
+    assert "self-check failed" in message and "wrongfast" in message.split("installed attention backends:")[1]
     assert "--set 'attention=[\"wrongfast\", \"sdpa\"]'" in message
 
 

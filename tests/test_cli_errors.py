@@ -251,7 +251,7 @@ def test_unknown_profile_lists_known_ones(run_in_tmp, capsys, test_image):
 def test_unknown_attention_backend_lists_installed_ones(run_in_tmp, capsys, test_image):
     run_bad(
         generate_args(test_image, "--profile", "cpu", "--set", "attention=nope", *FAST), capsys, run_in_tmp,
-        "[profiles.cpu] attention", "'nope'", "not registered", "installed attention backends: sdpa",
+        "[profiles.cpu] attention", "'nope'", "not registered", "installed attention backends:", "sdpa",
     )
 
 

@@ -145,4 +145,5 @@ def test_duplicate_backend_name_is_an_error(plugin_dir):
 def test_unknown_single_backend_lists_installed(run_in_tmp):
     with pytest.raises(ConfigError) as err:
         assemble(hardware=CPU, overrides=["attention=flash9"])
-    assert "flash9" in str(err.value) and "installed attention backends: sdpa" in str(err.value)
+    message = str(err.value)
+    assert "flash9" in message and "sdpa" in message.split("installed attention backends:")[1]

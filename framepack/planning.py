@@ -1,0 +1,174 @@
+"""Estimate a job's peak VRAM and system RAM before loading anything, and
+refuse jobs the machine clearly cannot run (exit 2 with the numbers and the
+profiles that would fit) instead of dying half-way or swapping for hours.
+
+The estimates are deliberately simple: weights from parameter counts and
+the weight format, activations from the packed sequence length, and the VAE
+decode from its tile size. They are checked against measurements in
+benchmarks/ where a GPU was available; treat them as +-30 %.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from framepack.config import Profile
+from framepack.errors import UserError
+from framepack.hardware import HardwareInfo
+
+GIB = 1024**3
+
+# Parameter counts of the original models (from their configs), used when the
+# weights come from the hub and their configs are not cached locally.
+KNOWN_PARAMS = {
+    "transformer": 12_874_314_816,  # counted from the config on the meta device
+    "transformer_block": 339_831_296,  # largest block (a double-stream block)
+    "text_encoder": 7_504_924_672,  # Llama-3-8B without lm_head
+    "text_encoder_2": 123_060_480,  # CLIP-L text
+    "image_encoder": 428_225_600,  # SigLIP so400m
+    "vae": 246_000_000,
+}
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+INNER_DIM = 3072  # 24 heads x 128
+
+
+@dataclass(frozen=True)
+class Plan:
+    offload: str
+    vram_gb: float  # peak on the accelerator (0 on CPU)
+    ram_gb: float  # peak system RAM
+    notes: tuple[str, ...]
+
+    def summary(self) -> str:
+        vram = f"{self.vram_gb:.1f} GB VRAM, " if self.vram_gb else ""
+        return f"about {vram}{self.ram_gb:.1f} GB RAM with offload {self.offload}"
+
+
+def count_params(source) -> dict[str, int]:
+    """Parameter counts per part: from the local configs (instantiated on the
+    meta device, no weights read), else the known counts of the originals."""
+    if source.root is None:
+        return dict(KNOWN_PARAMS)
+    import torch
+    from accelerate import init_empty_weights
+
+    counts = {}
+    root = Path(source.root)
+    with init_empty_weights():
+        from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoFramepackTransformer3DModel
+        from transformers import AutoConfig, CLIPTextModel, LlamaModel, SiglipVisionModel
+
+        t = HunyuanVideoFramepackTransformer3DModel.from_config(json.loads((root / "transformer/config.json").read_text()))
+        counts["transformer"] = sum(p.numel() for p in t.parameters())
+        blocks = list(t.transformer_blocks) + list(t.single_transformer_blocks)
+        counts["transformer_block"] = max(sum(p.numel() for p in b.parameters()) for b in blocks)
+        v = AutoencoderKLHunyuanVideo.from_config(json.loads((root / "vae/config.json").read_text()))
+        counts["vae"] = sum(p.numel() for p in v.parameters())
+        for part, cls in (("text_encoder", LlamaModel), ("text_encoder_2", CLIPTextModel), ("image_encoder", SiglipVisionModel)):
+            config = AutoConfig.from_pretrained(root / part)
+            counts[part] = sum(p.numel() for p in cls(config).parameters())
+    del torch
+    return counts
+
+
+def packed_tokens(height: int, width: int, latent_window_size: int = 9) -> int:
+    """Image tokens of one forward: lws noisy frames + 2 clean + 2x + 4x context."""
+    h, w = height // 8, width // 8
+    per_frame = (h // 2) * (w // 2)
+    ceil = lambda a, b: -(-a // b)  # noqa: E731
+    return (latent_window_size + 2) * per_frame + ceil(h, 4) * ceil(w, 4) + 4 * ceil(h, 8) * ceil(w, 8)
+
+
+def _weight_bytes(params: int, dtype: str, fmt: str = "none") -> float:
+    if fmt == "fp8":
+        return params * 1.0
+    if fmt == "nf4":
+        return params * 0.56  # 4 bits + block scales
+    return params * DTYPE_BYTES[dtype]
+
+
+def estimate(profile: Profile, offload: str, params: dict[str, int], height: int, width: int,
+             frames: int, latent_window_size: int = 9, inverted: bool = True, device: str = "cuda") -> Plan:
+    q, dt = profile.quantize, profile.dtype
+    weights = {
+        "transformer": _weight_bytes(params["transformer"], dt["transformer"], q["transformer"]),
+        "block": _weight_bytes(params["transformer_block"], dt["transformer"], q["transformer"]),
+        "llama": _weight_bytes(params["text_encoder"], dt["text_encoder"], q["text_encoder"]),
+        "clip": _weight_bytes(params["text_encoder_2"], dt["text_encoder"]),
+        "siglip": _weight_bytes(params["image_encoder"], dt["image_encoder"]),
+        "vae": _weight_bytes(params["vae"], dt["vae"]),
+    }
+    tokens = packed_tokens(height, width, latent_window_size) + 729 + 256
+    act_bytes = DTYPE_BYTES[dt["transformer"]]
+    # Widest point of a single-stream block: q/k/v, MLP (4x), concat and output.
+    activations = 24 * INNER_DIM * tokens * act_bytes
+    # VAE decode of 2*lws+1 latent frames: 128-channel features at full size,
+    # about 6 live copies, per temporal tile of 16 frames; tiling caps space at 256 px.
+    pixels = min(height * width, 256 * 256 if profile.vae_tiling else height * width)
+    vae_decode = 17 * pixels * 128 * DTYPE_BYTES[dt["vae"]] * 6
+    overhead = 0.6 * GIB  # CUDA context, allocator slack
+    text_stage = weights["llama"] + weights["clip"]
+    streamed = offload in ("dynamic_swap", "sequential", "stream_prefetch")
+    if offload == "resident":
+        vram = sum(weights.values()) - weights["block"] + max(activations, vae_decode)
+    elif streamed:
+        live_blocks = 3 if offload == "stream_prefetch" else 1
+        transformer_stage = live_blocks * weights["block"] + activations
+        vram = max(transformer_stage, weights["vae"] + vae_decode, weights["siglip"], weights["clip"] + live_blocks * weights["block"])
+    else:  # model_swap
+        vram = max(weights["transformer"] + activations, weights["vae"] + vae_decode, text_stage, weights["siglip"])
+    vram += overhead
+    # RAM: the weights that live in RAM, plus the decoded video held until written.
+    on_cpu = sum(weights.values()) - weights["block"]
+    if offload == "resident":
+        on_cpu = max(weights["transformer"], weights["llama"])  # the largest load in flight
+    elif offload == "stream_prefetch":
+        on_cpu += weights["transformer"] * 0.1  # pinned staging
+    frame_bytes = height * width * 3
+    video = (frames if inverted else 33) * frame_bytes + 33 * frame_bytes * 4  # uint8 + float edge
+    ram = on_cpu + video + 2.5 * GIB  # python, torch, libraries
+    notes = (f"{tokens} tokens per forward", f"transformer weights {weights['transformer'] / GIB:.1f} GB")
+    return Plan(offload, vram / GIB if device != "cpu" else 0.0, ram / GIB, notes)
+
+
+def plan_job(engine, source, height: int, width: int, frames: int, lws: int, inverted: bool) -> Plan:
+    """The plan for the engine's profile, checked against the hardware; the
+    shipped and user profiles for the same device are the alternatives."""
+    hw = engine.hardware
+    params = count_params(source)
+
+    def plan_for(profile: Profile) -> Plan | None:
+        for name in profile.offload:
+            entry = engine.registry.get("offload", name)
+            if entry is not None and entry.backend.unavailable_reason(hw) is None:
+                return estimate(profile, name, params, height, width, frames, lws, inverted, hw.device)
+        return None
+
+    plan = estimate(engine.profile, engine.choices["offload"].name, params, height, width, frames, lws, inverted, hw.device)
+    alternatives = []
+    for name, profile in sorted(engine.profiles.profiles.items()):
+        devices = profile.match.get("device", [])
+        if name != engine.profile.name and hw.device in ([devices] if isinstance(devices, str) else devices):
+            alt = plan_for(profile)
+            if alt is not None:
+                alternatives.append((name, alt))
+    check_fits(plan, hw, alternatives)
+    return plan
+
+
+def check_fits(plan: Plan, hw: HardwareInfo, alternatives: list[tuple[str, Plan]]) -> None:
+    """Raise a UserError when the job clearly cannot run on this machine."""
+    problems = []
+    if hw.device == "cuda" and hw.vram_total_gb is not None and plan.vram_gb > hw.vram_total_gb:
+        problems.append(f"about {plan.vram_gb:.1f} GB of VRAM but the GPU has {hw.vram_total_gb:.1f} GB")
+    if plan.ram_gb > hw.ram_total_gb > 0:
+        problems.append(f"about {plan.ram_gb:.1f} GB of system RAM but the machine has {hw.ram_total_gb:.1f} GB")
+    if not problems:
+        return
+    fits = [name for name, p in alternatives
+            if (hw.device != "cuda" or p.vram_gb <= (hw.vram_total_gb or 0)) and p.ram_gb <= hw.ram_total_gb]
+    hint = f"profiles that would fit: {', '.join(fits)} (--profile NAME)" if fits else \
+        "no shipped profile fits; try a smaller --size or --resolution, quantize, or more RAM"
+    raise UserError(f"this job needs {' and '.join(problems)} (offload {plan.offload}); {hint}")

@@ -1,0 +1,111 @@
+"""Attention backend `flash3`: FlashAttention 3 for Hopper (module flash_attn_interface).
+
+FA3 is built from the hopper/ folder of github.com/Dao-AILab/flash-attention
+(there is no framepack extra for it). Its module is ``flash_attn_interface``
+whatever the distribution is called: "flash_attn_3" in current releases,
+"flashattn-hopper" in the 2024 beta. The beta's functions always returned
+``(out, softmax_lse)``; current ones return ``out`` unless asked for the lse,
+so both shapes of result are accepted.
+
+Layout (B, L, H, D) as it is; no masks (the engine crops and uses varlen).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from importlib import metadata
+
+import torch
+
+from framepack.backends import AttentionBackend
+from framepack.errors import PluginError
+from framepack.hardware import HardwareInfo
+from framepack.hookspecs import hookimpl
+
+NAME = "flash3"
+INSTALL = "build FlashAttention 3: `cd hopper && pip install .` in a clone of github.com/Dao-AILab/flash-attention"
+DISTRIBUTIONS = ("flash_attn_3", "flash-attn-3", "flashattn-hopper")
+
+
+def unavailable(hardware: HardwareInfo) -> str | None:
+    # Hardware first: installing the library cannot fix the GPU.
+    if hardware.device != "cuda":
+        return "needs CUDA"
+    cc = hardware.compute_capability
+    # FA3's kernels use Hopper-only instructions (wgmma, TMA): sm90 exactly,
+    # not Ada (sm89) and not Blackwell (sm100/sm120).
+    if cc is not None and cc[0] != 9:
+        return f"needs a Hopper GPU (sm90), this GPU is sm{cc[0]}{cc[1]}"
+    if importlib.util.find_spec("flash_attn_interface") is None:
+        return f"flash_attn_interface is not installed ({INSTALL})"
+    return None
+
+
+def version() -> str:
+    for dist in DISTRIBUTIONS:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return ""
+
+
+def _import():
+    try:
+        import flash_attn_interface
+    except ImportError as exc:
+        raise PluginError(f"attention backend '{NAME}' needs FlashAttention 3 ({INSTALL}); import failed: {exc}") from exc
+    return flash_attn_interface
+
+
+def _out(result) -> torch.Tensor:
+    return result[0] if isinstance(result, tuple) else result  # (out, lse) in some releases
+
+
+def _check(query: torch.Tensor, attn_mask) -> None:
+    if attn_mask is not None:
+        raise ValueError(f"attention backend '{NAME}' cannot mask; call it through framepack.attention.build_attention")
+    if query.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(
+            f"attention backend '{NAME}' needs float16 or bfloat16 inputs, got {query.dtype} "
+            "(set the transformer dtype to bfloat16, or use attention = sdpa)"
+        )
+
+
+def make_kernel(options):
+    flash_attn_func = _import().flash_attn_func
+
+    def flash3_kernel(query, key, value, attn_mask):  # (B, L, H, D) in and out
+        _check(query, attn_mask)
+        return _out(flash_attn_func(query, key, value, causal=False))
+
+    return flash3_kernel
+
+
+def make_varlen_kernel(options):
+    flash_attn_varlen_func = _import().flash_attn_varlen_func
+
+    def flash3_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+        # query (total_q, H, D), key/value (total_k, H, D), cu_seqlens int32 (B + 1,).
+        # The seven leading arguments are positional in every release.
+        _check(query, None)
+        return _out(
+            flash_attn_varlen_func(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=False)
+        )
+
+    return flash3_varlen
+
+
+@hookimpl
+def framepack_register_attention(register):
+    register(
+        AttentionBackend(
+            name=NAME,
+            make_kernel=make_kernel,
+            supports_mask=False,
+            unavailable_reason=unavailable,
+            description="FlashAttention 3 (flash_attn_interface), Hopper sm90 only, fp16/bf16",
+            make_varlen_kernel=make_varlen_kernel,
+            version=version,
+        )
+    )
