@@ -133,10 +133,25 @@ class EncoderBackend:
 
 @dataclass(frozen=True)
 class WriterBackend:
+    """An output format.
+
+    Frame writers (``accepts="frames"``) write each finished piece of the
+    video as a segment file with ``open`` (segments of the inverted model
+    arrive end-first), and ``join`` puts the segments together in playback
+    order into the final file without re-encoding. Latent writers
+    (``accepts="latents"``) get the finished latents once, with ``save``.
+    See framepack/writing.py for the object contracts.
+    """
+
     name: str
-    suffix: str  # file suffix it writes, e.g. ".mp4"
-    # open(path, fps, width, height, options) -> framepack.writing.FrameWriter
-    open: Callable[..., Any]
+    suffix: str  # what it writes: ".mp4", ".webm", ".safetensors", or "" for a folder
+    # open(path, fps, width, height, options) -> framepack.writing.FrameWriter (one segment)
+    open: Callable[..., Any] | None = None
+    # join(segments: list[Path], out: Path, options, metadata: dict[str, str]) -> None
+    join: Callable[..., Any] | None = None
+    # save(path: Path, latents: Tensor (1, 16, T, h, w), metadata: dict[str, str], options) -> None
+    save: Callable[..., Any] | None = None
+    accepts: str = "frames"  # or "latents"
     unavailable_reason: Callable[[HardwareInfo], str | None] = always_available
     options: type = NoOptions
     description: str = ""

@@ -27,6 +27,12 @@ moves them; their state_dict keys gain the prefix ``transformer_blocks.0.``
 ``single_transformer_blocks.7.x`` -> ``transformer_blocks.0.single_blocks.7.x``).
 Nothing in the engine reads the keys after loading; ``remove_block_gate``
 restores the original lists for code that does.
+
+Offload policies hook the blocks in ``prepare``, before the cache binds, so
+diffusers' group offloading (block or leaf level) and per-layer swapping
+keep working through the wrapper. With block-level prefetching, block 0 is
+prefetched at the start of every forward; on a skipped call it simply stays
+loaded until the next computed one.
 """
 
 from __future__ import annotations
@@ -118,6 +124,33 @@ def remove_block_gate(transformer: nn.Module) -> None:
         wrapper = lists[0]
         transformer.transformer_blocks = wrapper.double_blocks
         transformer.single_transformer_blocks = wrapper.single_blocks
+
+
+@contextlib.contextmanager
+def weights_on(module: nn.Module, device: torch.device) -> Iterator[None]:
+    """Let a cache call a piece of a block (TeaCache's ``norm1``) outside the
+    block's own call, whatever the offload policy does with its weights.
+
+    Block-level offload (diffusers' group offloading) moves a block's weights
+    in only when the block itself is called, and may be prefetching them on
+    a side CUDA stream right now. So: wait for all streams of the device,
+    then give every weight still elsewhere a temporary copy on ``device``
+    (swapping ``param.data``, restored after, so the policy's own bookkeeping,
+    keyed by the Parameter objects, stays valid). With resident weights this
+    is one device synchronisation, which the caller's ``.item()`` would force
+    anyway."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    moved = []
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if tensor.device != device:
+            moved.append((tensor, tensor.data))
+            tensor.data = tensor.data.to(device)
+    try:
+        yield
+    finally:
+        for tensor, data in moved:
+            tensor.data = data
 
 
 def rel_l1(current: torch.Tensor, previous: torch.Tensor) -> float:

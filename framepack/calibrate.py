@@ -22,12 +22,14 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from framepack.backends import CacheBackend
-from framepack.blockcache import BlockCache, BlockCall, CachedBlocks, rel_l1
+from framepack.blockcache import BlockCache, BlockCall, CachedBlocks, rel_l1, weights_on
 from framepack.calibration import CACHES, fit_polynomial, model_fingerprint, new_payload, write_calibration
 from framepack.errors import UserError
 from framepack.hookspecs import hookimpl
+from framepack.sections import section_count
 
 RECORDER = "calibration-recorder"
+MIN_PAIRS = 6  # one more point than the polynomial has coefficients
 
 
 @dataclass
@@ -64,7 +66,8 @@ class CalibrationRecorder(BlockCache):
         return RecorderState()
 
     def decide(self, state: RecorderState, blocks: CachedBlocks, call: BlockCall, branch, step, steps):
-        modulated = blocks.first.norm1(call.hidden_states, emb=call.temb)[0]
+        with weights_on(blocks.first.norm1, call.hidden_states.device):
+            modulated = blocks.first.norm1(call.hidden_states, emb=call.temb)[0]  # (B, L_img, C)
         hidden_states, encoder_hidden_states = blocks.run(call)
         residual = hidden_states - call.hidden_states
         pending = {"input_change": None, "magnitude_ratio": None}
@@ -99,9 +102,9 @@ class RecorderPlugin:
 
 def teacache_data(measurements: list[Measurement]) -> dict[str, Any]:
     pairs = [[m.input_change, m.output_change] for m in measurements if m.input_change is not None]
-    if len(pairs) < 6:
+    if len(pairs) < MIN_PAIRS:
         raise UserError(
-            f"calibration measured {len(pairs)} step changes; fitting TeaCache's polynomial needs at least 6 "
+            f"calibration measured {len(pairs)} step changes; fitting TeaCache's polynomial needs at least {MIN_PAIRS} "
             "(use more --steps or --seconds)"
         )
     import numpy as np
@@ -160,13 +163,24 @@ def run_calibration(
 
     if cache not in CACHES:
         raise UserError(f"--cache {cache!r}: can calibrate {', '.join(CACHES)}")
+    settings.validate()
+    # Say so before a long run that cannot give enough measurements.
+    sections = section_count(settings.seconds, settings.latent_window_size)
+    changes = sections * (settings.steps - 1) * (2 if settings.cfg != 1 else 1)
+    if cache == "teacache" and changes < MIN_PAIRS:
+        raise UserError(
+            f"--steps {settings.steps} over {sections} section(s) gives {changes} step changes; fitting TeaCache's "
+            f"polynomial needs at least {MIN_PAIRS} (use more --steps or --seconds)"
+        )
+    if cache == "magcache" and settings.steps < 2:
+        raise UserError(f"--steps {settings.steps}: MagCache's ratios need at least 2 steps")
     output = check_output_path(Path(output))
-    recorder = CalibrationRecorder()
-    engine = assemble(profile, [*overrides, f"cache={RECORDER}"], config_files, hardware,
-                      extra_plugins=[RecorderPlugin(recorder), *extra_plugins], include_user_files=include_user_files)
     with tempfile.TemporaryDirectory(prefix="framepack-calibrate-") as tmp:
         job = dataclasses.replace(settings, output=Path(tmp) / "calibration.mp4", latents_out=None)
         image = preflight(job)
+        recorder = CalibrationRecorder()
+        engine = assemble(profile, [*overrides, f"cache={RECORDER}"], config_files, hardware,
+                          extra_plugins=[RecorderPlugin(recorder), *extra_plugins], include_user_files=include_user_files)
         result = generate(job, engine, image)
     data = teacache_data(recorder.measurements) if cache == "teacache" else magcache_data(recorder.measurements, settings.steps)
     model = {"source": settings.model or "(default hub repos)", "variant": settings.variant, "fingerprint": recorder.fingerprint}

@@ -28,25 +28,33 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="render a video from an image and a prompt")
-    g.add_argument("--image", required=True, type=Path, help="start image (PNG, JPEG, WebP, ...)")
-    g.add_argument("--prompt", required=True, help="what should happen in the video")
-    g.add_argument("--negative-prompt", default="", help="used only when --cfg > 1")
+    g.add_argument("--from", dest="from_", type=Path, metavar="VIDEO_OR_JSON",
+                   help="re-run the job recorded in a framepack video, sidecar .json, png folder or latents file; "
+                        "flags given as well override its settings")
+    g.add_argument("--image", type=Path, help="start image (PNG, JPEG, WebP, ...)")
+    g.add_argument("--prompt", help="what should happen in the video")
+    g.add_argument("--negative-prompt", default=None, help="used only when --cfg > 1")
     g.add_argument("--model", help="local model folder, or a hub repo id with the same layout (default: the original hub repos)")
-    g.add_argument("--variant", choices=("original", "f1"), default="original",
+    g.add_argument("--variant", choices=("original", "f1"), default=None,
                    help="original: inverted anti-drifting model (generates the end first); f1: forward model")
-    g.add_argument("--seconds", type=float, default=5.0, help="video length (default 5)")
-    g.add_argument("--steps", type=int, default=25, help="sampler steps per section (default 25)")
-    g.add_argument("--seed", type=int, default=31337, help="random seed (default 31337)")
-    g.add_argument("--gs", type=float, default=10.0, help="distilled guidance scale (default 10)")
-    g.add_argument("--cfg", type=float, default=1.0, help="real CFG scale; > 1 adds a negative pass (default 1)")
-    g.add_argument("--rs", type=float, default=0.0, help="CFG rescale, 0..1 (default 0)")
-    g.add_argument("--resolution", type=int, default=640, help="bucket base resolution (default 640, the original's table)")
+    g.add_argument("--seconds", type=float, default=None, help="video length (default 5)")
+    g.add_argument("--steps", type=int, default=None, help="sampler steps per section (default 25)")
+    g.add_argument("--seed", type=int, default=None, help="random seed (default 31337)")
+    g.add_argument("--gs", type=float, default=None, help="distilled guidance scale (default 10)")
+    g.add_argument("--cfg", type=float, default=None, help="real CFG scale; > 1 adds a negative pass (default 1)")
+    g.add_argument("--rs", type=float, default=None, help="CFG rescale, 0..1 (default 0)")
+    g.add_argument("--resolution", type=int, default=None, help="bucket base resolution (default 640, the original's table)")
     g.add_argument("--size", help="exact HEIGHTxWIDTH, multiples of 16 (overrides --resolution)")
-    g.add_argument("--latent-window-size", type=int, default=9, help=argparse.SUPPRESS)
+    g.add_argument("--latent-window-size", type=int, default=None, help=argparse.SUPPRESS)
     g.add_argument("--output", type=Path, help="output video (default framepack_<time>_<seed>.mp4)")
     g.add_argument("--latents-out", type=Path, help="also write the finished latents to this .safetensors file")
     g.add_argument("--json", action="store_true", help="print a JSON summary on stdout when done")
     g.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    g.add_argument("--preview", type=Path, metavar="PNG",
+                   help="keep this image updated with the latest step's rough preview while it runs")
+    g.add_argument("--preview-every", type=int, default=1, metavar="N", help="update the preview every N steps")
+    g.add_argument("--job-dir", type=Path,
+                   help="where finished sections and the checkpoint go while it runs (default OUTPUT.job)")
     g.add_argument("--no-prompt-cache", action="store_true",
                    help="encode the prompt even if its embedding is cached on disk (and do not cache it)")
     _add_profile_args(g)
@@ -57,6 +65,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plugins", help="list backends per family, where each came from, and whether it can run here")
     pl.add_argument("--json", action="store_true")
+
+    r = sub.add_parser("resume", help="continue a job that was interrupted or killed, from its job folder")
+    r.add_argument("job_dir", type=Path)
+    r.add_argument("--json", action="store_true", help="print a JSON summary on stdout when done")
+    r.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    r.add_argument("--preview", type=Path, metavar="PNG", help="as for generate")
+    r.add_argument("--preview-every", type=int, default=1, metavar="N", help="as for generate")
+
+    i = sub.add_parser("info", help="print the job recorded in a framepack video, sidecar, png folder or latents file")
+    i.add_argument("path", type=Path)
+    i.add_argument("--json", action="store_true", help="the raw record")
 
     k = sub.add_parser("cache", help="show or clear the prompt-embedding cache")
     k.add_argument("action", choices=("info", "clear"))
@@ -90,29 +109,77 @@ def _eprint(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
+GENERATE_FLAGS = {  # argparse dest -> JobSettings field
+    "image": "image", "prompt": "prompt", "negative_prompt": "negative_prompt", "output": "output",
+    "variant": "variant", "seconds": "seconds", "steps": "steps", "seed": "seed", "gs": "gs", "cfg": "cfg",
+    "rs": "rs", "latent_window_size": "latent_window_size", "resolution": "resolution", "latents_out": "latents_out",
+    "model": "model",
+}
+
+
 def cmd_generate(args) -> int:
+    from framepack.job import JobSettings, parse_size
+
+    base: dict = {}
+    if args.from_ is not None:
+        from framepack.metadata import read_metadata, settings_from_metadata
+
+        base = settings_from_metadata(read_metadata(args.from_))
+        base.pop("output", None)  # a re-run writes a new file unless --output says otherwise
+        base.pop("latents_out", None)
+    given = {field: getattr(args, dest) for dest, field in GENERATE_FLAGS.items() if getattr(args, dest) is not None}
+    if args.size is not None:
+        given["size"] = parse_size(args.size)
+    if args.no_prompt_cache:
+        given["prompt_cache"] = False
+    values = {**base, **given}
+    missing = [f"--{k}" for k in ("image", "prompt") if values.get(k) is None]
+    if missing:
+        raise UserError(f"{' and '.join(missing)} required (or --from a previous video or its .json)")
+    seed = values.get("seed", 31337)
+    values.setdefault("output", Path(f"framepack_{time.strftime('%Y%m%d_%H%M%S')}_{seed}.mp4"))
+    settings = JobSettings(**values)
+    return _run_job(args, settings, args.profile, args.overrides, args.config_files, args.job_dir, resume=False)
+
+
+def cmd_resume(args) -> int:
+    from framepack.job import JobSettings
+    from framepack.jobdir import JobDir
+    from framepack.metadata import settings_from_metadata
+
+    jobdir = JobDir(args.job_dir)
+    job = jobdir.read_job()
+    settings = JobSettings(**settings_from_metadata(job)).validate()
+    extra = job.get("extra", {})
+    return _run_job(args, settings, job["profile"], extra.get("overrides", []),
+                    [Path(p) for p in extra.get("config_files", [])],
+                    jobdir.path, resume=True)
+
+
+def _run_job(args, settings, profile, overrides, config_files, job_dir, resume: bool) -> int:
     from framepack.assemble import assemble
     from framepack.generate import generate, preflight
-    from framepack.job import JobSettings, parse_size
+    from framepack.jobdir import JobDir
     from framepack.progress import ProgressReporter
 
-    output = args.output or Path(f"framepack_{time.strftime('%Y%m%d_%H%M%S')}_{args.seed}.mp4")
-    settings = JobSettings(
-        image=args.image, prompt=args.prompt, negative_prompt=args.negative_prompt, output=output,
-        variant=args.variant, seconds=args.seconds, steps=args.steps, seed=args.seed, gs=args.gs,
-        cfg=args.cfg, rs=args.rs, latent_window_size=args.latent_window_size, resolution=args.resolution,
-        size=parse_size(args.size) if args.size else None, latents_out=args.latents_out, model=args.model,
-        prompt_cache=not args.no_prompt_cache,
-    )
     image = preflight(settings)  # one clear line for a bad path, before the report
     extra = [] if args.quiet else [ProgressReporter()]
-    engine = assemble(args.profile, args.overrides, args.config_files, extra_plugins=extra)
+    if args.preview is not None:
+        from framepack.preview import PreviewWriter
+        from framepack.writing import check_output_path
+
+        if args.preview_every < 1:
+            raise UserError(f"--preview-every {args.preview_every}: must be 1 or more")
+        extra.append(PreviewWriter(check_output_path(args.preview), every=args.preview_every))
+    engine = assemble(profile, overrides, config_files, extra_plugins=extra)
     if not args.quiet:
         _eprint(f"hardware: {engine.hardware.summary()}")
         _eprint(f"profile: {engine.profile.name} ({engine.selection.why})")
         for choice in engine.choices.values():
             _eprint("  " + choice.explain())
-    result = generate(settings, engine, image)
+    jobdir = JobDir(job_dir) if job_dir is not None else None
+    result = generate(settings, engine, image, jobdir=jobdir, resume=resume, overrides=overrides,
+                      config_files=config_files)
     if args.json:
         summary = {
             "outputs": [str(p) for p in result.outputs],
@@ -201,6 +268,14 @@ def cmd_plugins(args) -> int:
     return 0
 
 
+def cmd_info(args) -> int:
+    from framepack.metadata import format_metadata, read_metadata
+
+    record = read_metadata(args.path)
+    print(json.dumps(record, indent=2, sort_keys=True) if args.json else format_metadata(record))
+    return 0
+
+
 def cmd_cache(args) -> int:
     from framepack.prompt_cache import PromptCache
 
@@ -250,6 +325,7 @@ def cmd_calibrate(args) -> int:
 
 
 COMMANDS = {"generate": cmd_generate, "profiles": cmd_profiles, "plugins": cmd_plugins, "make-tiny-model": cmd_make_tiny_model, "cache": cmd_cache,
+            "resume": cmd_resume, "info": cmd_info,
             "calibrate": cmd_calibrate}
 
 
@@ -266,7 +342,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except FramepackError as exc:
-        _eprint(f"framepack: error: {exc}")
+        from framepack.generate import Interrupted
+
+        _eprint(f"framepack: {exc}" if isinstance(exc, Interrupted) else f"framepack: error: {exc}")
         return exc.exit_code
     except KeyboardInterrupt:
         _eprint("framepack: interrupted")

@@ -7,7 +7,7 @@ draws its noise in order, so a seed gives the same latents on every run.
 
 from __future__ import annotations
 
-import os
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,31 +19,23 @@ from framepack.assemble import Engine
 from framepack.attention import build_attention
 from framepack.buckets import nearest_bucket, resize_and_center_crop
 from framepack.config import torch_dtype
-from framepack.errors import UserError
-from framepack.events import JobEnd, JobStart, SectionEvent, StepEvent
+from framepack.errors import FramepackError, UserError
+from framepack.events import JobEnd, JobStart
+from framepack.metadata import build_metadata, container_tags, model_info, sidecar_path, write_sidecar
 from framepack.hardware import device_present
 from framepack.inputs import load_image
 from framepack.job import JobSettings
+from framepack.jobdir import JobDir
 from framepack.models import ModelSource
+from framepack.outputs import SegmentOutputs
 from framepack.planning import plan_job
 from framepack.prompt_cache import PromptCache, encoder_fingerprint
-from framepack.sampling import make_x0_model, sample_unipc, section_sigmas
-from framepack.sections import (
-    FPS,
-    HISTORY_SPLIT,
-    f1_layout,
-    inverted_layout,
-    inverted_paddings,
-    pixel_frames_per_section,
-    section_count,
-    total_pixel_frames,
-)
-from framepack.transformer import SectionContext, forward_velocity, load_transformer
-from framepack.video import PixelTimeline
-from framepack.writing import check_output_path, partial_path
+from framepack.section_loop import run_sections
+from framepack.sections import FPS, section_count, total_pixel_frames
+from framepack.transformer import load_transformer
+from framepack.writing import check_output_path
 
 TEXT_TOKENS = 512  # text embeddings are cropped or zero-padded to this, with a mask
-LATENT_CHANNELS = 16
 
 
 @dataclass
@@ -88,52 +80,6 @@ def execution_device(engine: Engine) -> torch.device:
     return torch.device(hw.device)
 
 
-class Writers:
-    """All of the job's writers; frames arrive as final chunks, possibly front-first."""
-
-    def __init__(self, engine: Engine, output: Path, width: int, height: int) -> None:
-        self.items = []
-        self.front_chunks: list[np.ndarray] = []
-        try:
-            for choice in engine.writers:
-                path = output.with_suffix(choice.backend.suffix)
-                self.items.append(choice.backend.open(path, FPS, width, height, choice.options))
-        except BaseException:
-            self.abort()
-            raise
-
-    def add(self, frames: np.ndarray, at_front: bool) -> None:
-        if not len(frames):
-            return
-        if at_front:
-            # Inverted model: these frames precede everything held so far.
-            self.front_chunks.insert(0, frames)
-        else:
-            for writer in self.items:
-                writer.write(frames)
-
-    def close(self) -> list[Path]:
-        for chunk in self.front_chunks:
-            for writer in self.items:
-                writer.write(chunk)
-        for writer in self.items:
-            writer.close()
-        return [w.path for w in self.items]
-
-    def abort(self) -> None:
-        for writer in self.items:
-            writer.abort()
-
-
-def save_latents(path: Path, latents: torch.Tensor, settings: JobSettings) -> None:
-    from safetensors.torch import save_file
-
-    tmp = partial_path(path)
-    meta = {k: str(v) for k, v in settings.to_dict().items()}
-    save_file({"latents": latents.float().contiguous()}, str(tmp), metadata=meta)
-    os.replace(tmp, path)
-
-
 def preflight(settings: JobSettings) -> np.ndarray:
     """Check everything the user gave before any model loads; return the image.
 
@@ -148,10 +94,54 @@ def preflight(settings: JobSettings) -> np.ndarray:
     return image
 
 
+class Interrupted(FramepackError):
+    """Ctrl-C during a job: the checkpoint and a partial video are on disk."""
+
+
+def _job_record(settings, engine, source, parts, sections, height, width, overrides, config_files) -> dict:
+    """Everything needed to re-run or continue the job (framepack.metadata)."""
+    return build_metadata(
+        settings, engine.profile.name, engine_backends(engine), model_info(source, parts),
+        extra={"fps": FPS, "width": width, "height": height, "sections": sections,
+               "frames": total_pixel_frames(sections, settings.latent_window_size),
+               "overrides": list(overrides), "config_files": [str(p) for p in config_files]},
+    )
+
+
+def engine_backends(engine: Engine) -> dict[str, str]:
+    names = {family: choice.name for family, choice in engine.choices.items()}
+    names["writers"] = ",".join(c.name for c in engine.writers)
+    names["dtype"] = json.dumps(engine.profile.dtype, sort_keys=True)
+    names["quantize"] = json.dumps(engine.profile.quantize, sort_keys=True)
+    return names
+
+
+def check_resumable(recorded: dict, current: dict) -> None:
+    """Refuse to continue a job with other weights or other backends: the
+    rest of the video would not match its beginning."""
+    if recorded.get("model", {}).get("fingerprint") != current["model"]["fingerprint"]:
+        raise UserError(
+            f"the model files changed since this job started ({recorded.get('model', {}).get('source')}); "
+            "its checkpoint cannot continue with other weights"
+        )
+    changed = [f"{k}: {recorded['backends'].get(k)} -> {v}" for k, v in current["backends"].items()
+               if recorded["backends"].get(k) != v]
+    if changed:
+        raise UserError("this job would continue with other backends than it started with (" + "; ".join(changed)
+                        + "); run it where it started, or start over")
+
+
 @torch.inference_mode()
-def generate(settings: JobSettings, engine: Engine, image: np.ndarray | None = None) -> GenerationResult:
-    """Run a job. ``image`` is the result of ``preflight(settings)`` when the
-    caller already ran it; otherwise the checks run here."""
+def generate(settings: JobSettings, engine: Engine, image: np.ndarray | None = None, *,
+             jobdir: JobDir | None = None, resume: bool = False,
+             overrides: list[str] = (), config_files: list = ()) -> GenerationResult:
+    """Run a job, or continue one (``resume``) from its job folder.
+
+    ``image`` is the result of ``preflight(settings)`` when the caller already
+    ran it. A crash loses at most the section in flight: every finished
+    section is in the job folder (``OUTPUT.job/`` unless given), which
+    ``framepack resume`` continues. The folder is removed when the outputs
+    are complete."""
     started = time.perf_counter()
     if image is None:
         image = preflight(settings)
@@ -166,12 +156,24 @@ def generate(settings: JobSettings, engine: Engine, image: np.ndarray | None = N
     plan = plan_job(engine, source, height, width, total_pixel_frames(sections, lws), lws, settings.variant == "original")
     device = execution_device(engine)
     dtype = {part: torch_dtype(name) for part, name in engine.profile.dtype.items()}
+
+    jobdir = jobdir or JobDir.for_output(output)
+    record = _job_record(settings, engine, source, parts, sections, height, width, overrides, config_files)
+    checkpoint = None
+    if resume:
+        recorded = jobdir.read_job()
+        check_resumable(recorded, record)
+        checkpoint = jobdir.read_checkpoint()
+        record = recorded  # the outputs describe the job as it started
+    elif jobdir.checkpoint_path.exists():
+        jobdir.create(record)  # refuses: an unfinished job is there (checked before loading anything)
+
     hook = engine.hook
     hook.framepack_on_job_start(
         event=JobStart(
             settings=settings,
             profile=engine.profile.name,
-            backends={f: c.name for f, c in ch.items()} | {"writers": ",".join(c.name for c in engine.writers)},
+            backends=engine_backends(engine),
             sections=sections,
             frames=total_pixel_frames(sections, lws),
             width=width,
@@ -210,32 +212,61 @@ def generate(settings: JobSettings, engine: Engine, image: np.ndarray | None = N
     branches, start_latent = _condition(settings, embeddings, vision, vae, policy, cropped, dtype["transformer"])
     policy.release(*vision.modules)
     del vision
+    if checkpoint is not None and not torch.equal(start_latent, checkpoint.start_latent):
+        raise UserError("the start image encodes differently than when this job started "
+                        "(another image, VAE or machine); its checkpoint cannot continue")
 
-    writers = None
+    if not resume:
+        jobdir.create(record)  # only now: an interruption while loading leaves nothing behind
+    outputs = SegmentOutputs(engine, jobdir, output, width, height, settings.variant == "original")
+    metadata = container_tags(record)
     status, error = "failed", None
+    written: list[Path] = []
     try:
-        writers = Writers(engine, output, width, height)
-        result = _run_sections(settings, engine, height, width, sections, branches, start_latent, vae, transformer, policy, cache, writers, dtype["transformer"])
-        result.outputs = writers.close()
+        loop = run_sections(settings, engine, sections, height, width, branches, start_latent, vae, transformer,
+                            policy, cache, outputs, jobdir, checkpoint, dtype["transformer"])
+        written = outputs.join(loop.segments, metadata) + outputs.save_latents(loop.latents, metadata)
         if settings.latents_out is not None:
-            save_latents(Path(settings.latents_out), result.latents, settings)
-            result.outputs.append(Path(settings.latents_out))
+            # The same file the `latents` writer makes, at the user's path.
+            engine.registry.get("writer", "latents").backend.save(Path(settings.latents_out), loop.latents, metadata, None)
+            written.append(Path(settings.latents_out))
+        write_sidecar(sidecar_path(output), record)
+        written.append(sidecar_path(output))
+        jobdir.remove()
         status = "done"
     except KeyboardInterrupt:
         status = "interrupted"
-        if writers is not None:
-            writers.abort()
-        raise
+        raise Interrupted(_interrupted_message(jobdir, outputs, metadata)) from None
     except BaseException as exc:
         error = f"{type(exc).__name__}: {exc}"
-        if writers is not None:
-            writers.abort()
+        if not jobdir.checkpoint_path.exists():
+            jobdir.remove()  # nothing finished: nothing to resume
         raise
     finally:
-        outputs = tuple(str(p) for p in (result.outputs if status == "done" else []))
-        hook.framepack_on_job_end(event=JobEnd(status=status, outputs=outputs, elapsed_s=time.perf_counter() - started, error=error))
-    result.elapsed_s = time.perf_counter() - started
-    return result
+        hook.framepack_on_job_end(event=JobEnd(status=status, outputs=tuple(str(p) for p in written),
+                                               elapsed_s=time.perf_counter() - started, error=error))
+    return GenerationResult(
+        latents=loop.latents, frames=loop.frames, height=height, width=width, sections=sections, outputs=written,
+        computed_steps=loop.computed_steps, skipped_steps=loop.skipped_steps,
+        elapsed_s=time.perf_counter() - started,
+    )
+
+
+def _interrupted_message(jobdir: JobDir, outputs: SegmentOutputs, metadata: dict[str, str]) -> str:
+    """Join what is finished into a playable partial video and say how to go on."""
+    if not jobdir.checkpoint_path.exists():
+        jobdir.remove()
+        return "interrupted before the first section finished; nothing to resume"
+    done = jobdir.read_checkpoint()
+    partial = []
+    if done.segments:
+        try:
+            partial = outputs.join(done.segments, metadata, partial=True)
+        except Exception as exc:  # the checkpoint matters more than the preview
+            partial = [f"(partial video failed: {exc})"]
+    where = f"; partial video: {', '.join(map(str, partial))}" if partial else ""
+    return (f"interrupted after {done.next_section} finished section(s){where}; "
+            f"continue with: framepack resume {jobdir.path}")
 
 
 def _cached_prompts(settings, engine, source, prompts, text_dtype):
@@ -298,96 +329,3 @@ def _condition(settings, embeddings, vision, vae, policy, cropped, tdtype):
     return {"positive": branch(llama, pooler), "negative": branch(llama_n, pooler_n)}, start_latent
 
 
-def _run_sections(settings, engine, height, width, sections, branches, start_latent, vae, transformer, policy, cache, writers, tdtype):
-    started = time.perf_counter()
-    hook = engine.hook
-    device = policy.execution_device
-    lws = settings.latent_window_size
-    h, w = height // 8, width // 8
-
-    # --- sections (SPEC section 3) ---
-    generator = torch.Generator("cpu").manual_seed(settings.seed)
-    sigmas = section_sigmas(settings.steps, lws, h, w).to(device)
-    inverted = settings.variant == "original"
-    timeline = PixelTimeline(pixel_frames_per_section(lws), "front" if inverted else "back")
-    zeros = torch.zeros((1, LATENT_CHANNELS, sum(HISTORY_SPLIT), h, w), dtype=torch.float32)
-    history = zeros if inverted else torch.cat([zeros, start_latent], dim=2)
-    generated = 0 if inverted else 1
-    paddings = inverted_paddings(sections) if inverted else [None] * sections
-    result = GenerationResult(latents=torch.empty(0), frames=0, height=height, width=width, sections=sections)
-
-    for index, padding in enumerate(paddings):
-        hook.framepack_on_section(event=SectionEvent(index, sections, "start", time.perf_counter() - started))
-        if inverted:
-            layout = inverted_layout(padding, lws)
-            post, clean_2x, clean_4x = history[:, :, : sum(HISTORY_SPLIT)].split(HISTORY_SPLIT, dim=2)
-            clean = torch.cat([start_latent, post], dim=2)
-        else:
-            layout = f1_layout(lws)
-            clean_4x, clean_2x, clean_1x = history[:, :, -sum(HISTORY_SPLIT) :].split(HISTORY_SPLIT[::-1], dim=2)
-            clean = torch.cat([start_latent, clean_1x], dim=2)
-        context = SectionContext(
-            indices_latents=layout.latent.to(device),
-            latents_clean=clean.to(device, tdtype),
-            indices_latents_clean=layout.clean.to(device),
-            latents_history_2x=clean_2x.to(device, tdtype),
-            indices_latents_history_2x=layout.clean_2x.to(device),
-            latents_history_4x=clean_4x.to(device, tdtype),
-            indices_latents_history_4x=layout.clean_4x.to(device),
-        ).as_kwargs()
-
-        noise = torch.randn((1, LATENT_CHANNELS, lws, h, w), generator=generator, device="cpu").to(device, torch.float32)
-        with policy.stage("transformer"):
-            latents = _sample_section(settings, transformer, cache, branches, context, noise, sigmas, tdtype, hook, index, sections, started)
-        latents = latents.cpu().float()  # (1, 16, lws, h, w)
-        result.computed_steps.append(cache.counts.computed)
-        result.skipped_steps.append(cache.counts.skipped)
-
-        if inverted:
-            last = padding == 0
-            if last:
-                latents = torch.cat([start_latent, latents], dim=2)
-            generated += latents.shape[2]
-            history = torch.cat([latents, history], dim=2)
-            real = history[:, :, :generated]
-            to_decode = real if index == 0 else real[:, :, : 2 * lws + (1 if last else 0)]
-        else:
-            generated += latents.shape[2]
-            history = torch.cat([history, latents], dim=2)
-            real = history[:, :, -generated:]
-            to_decode = real if index == 0 else real[:, :, -2 * lws :]
-        with policy.stage("vae"):
-            pixels = vae.decode(to_decode)
-        writers.add(timeline.add(pixels), at_front=inverted)
-        hook.framepack_on_section(
-            event=SectionEvent(index, sections, "end", time.perf_counter() - started,
-                               computed=result.computed_steps[-1], skipped=result.skipped_steps[-1])
-        )
-
-    writers.add(timeline.finish(), at_front=inverted)
-    result.latents = history[:, :, :generated] if inverted else history[:, :, -generated:]
-    result.frames = timeline.final_frames
-    return result
-
-
-def _sample_section(settings, transformer, cache, branches, context, noise, sigmas, tdtype, hook, index, sections, started):
-    steps = settings.steps
-    cache.begin_section(steps)
-    step_of = {"positive": 0, "negative": 0}
-
-    def forward(**inputs):
-        return forward_velocity(transformer, **inputs)
-
-    def transformer_call(hidden_states, timestep, branch):
-        step = step_of[branch]
-        step_of[branch] += 1
-        return cache(forward, branch=branch, step=step, steps=steps, hidden_states=hidden_states, timestep=timestep, **branches[branch], **context)
-
-    model = make_x0_model(transformer_call, cfg=settings.cfg, rescale=settings.rs, dtype=tdtype)
-
-    def on_step(info):
-        hook.framepack_on_step(
-            event=StepEvent(index, sections, info["i"], steps, time.perf_counter() - started, denoised=info["denoised"])
-        )
-
-    return sample_unipc(model, noise, sigmas, callback=on_step)

@@ -2,8 +2,8 @@
 16 GB Llama encoder again (the common case: same prompt, other seeds).
 
 Key: the prompt, the encoding recipe, and a fingerprint of the text encoders
-(file names, sizes and modification times of the local files, or the hub
-snapshot commit, plus dtype and weight format). A changed model gives a new
+(framepack.fingerprint: stat of the local files, or the hub snapshot commit;
+plus dtype and weight format). A changed model gives a new
 key, never a stale hit. Entries are safetensors files written atomically;
 the cache keeps at most ``max_entries`` and ``max_bytes``, dropping the least
 recently used. ``framepack cache clear`` empties it.
@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from framepack.fingerprint import fingerprint
+
 # Bump when the text encoding changes (template, crop, layer), so old entries miss.
 RECIPE = "hunyuan-llama[-3]+clip-pooler/v1"
 TEXT_PARTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
@@ -31,37 +33,10 @@ def cache_dir() -> Path:
     return base / "framepack" / "prompts"
 
 
-def _folder_identity(folder: Path) -> list:
-    # Stat only: hashing 16 GB of weights per run would cost more than it saves.
-    return sorted(
-        (p.relative_to(folder).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
-        for p in folder.rglob("*")
-        if p.is_file()
-    )
-
-
 def encoder_fingerprint(source, backend: str, dtype: torch.dtype, quantize: str) -> str | None:
     """A stable id of the text encoders, or None when it cannot be known
     without downloading (hub files not in the local cache yet)."""
-    parts = []
-    for part in TEXT_PARTS:
-        where, sub = source.location(part)
-        if source.root is not None:
-            folder = Path(where) / (sub or "")
-            if not folder.is_dir():
-                return None
-            parts.append([part, _folder_identity(folder)])
-        else:
-            from huggingface_hub import try_to_load_from_cache
-
-            probe = "tokenizer_config.json" if part.startswith("tokenizer") else "config.json"
-            cached = try_to_load_from_cache(where, f"{sub}/{probe}" if sub else probe)
-            if not isinstance(cached, str):
-                return None
-            snapshot = Path(cached).parent.parent if sub else Path(cached).parent  # .../snapshots/<commit>
-            parts.append([part, where, snapshot.name])
-    blob = json.dumps([RECIPE, backend, str(dtype), quantize, parts], sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    return fingerprint(source, TEXT_PARTS, RECIPE, backend, dtype, quantize)
 
 
 class PromptCache:

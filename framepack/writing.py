@@ -1,9 +1,11 @@
 """The writer contract and the atomic-file helper every writer uses.
 
-A writer gets final uint8 frames in playback order and writes them to a
-temporary name beside the target; ``close`` renames it into place, ``abort``
-removes it. A crash therefore never leaves a half-written file under the
-name the user asked for.
+A frame writer gets final uint8 frames in playback order and writes them to
+a temporary name beside the target; ``close`` renames it into place,
+``abort`` removes it. A crash therefore never leaves a half-written file
+under the name the user asked for. The engine opens one per segment (a
+section's finished frames) and the backend's ``join`` combines finished
+segments into the output without re-encoding (see framepack.backends).
 """
 
 from __future__ import annotations

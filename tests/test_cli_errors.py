@@ -317,17 +317,20 @@ def test_failure_after_sampling_leaves_no_output(run_in_tmp, capsys, test_image,
 def test_failure_while_finishing_the_file_leaves_no_output(run_in_tmp, capsys, test_image, tiny_model, monkeypatch):
     # Fail at the very last moment: the whole video is in the hidden partial
     # file and only the rename into place is left.
+    import os
     import types
 
-    import framepack_plugins.writers.mp4 as mp4
+    import framepack.segments as segments
 
     seen = []
 
     def rename_fails(src, dst):
+        if Path(dst).name != "out.mp4":
+            return os.replace(src, dst)  # segment files go into place as usual
         seen.append((Path(src), Path(src).stat().st_size))
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(mp4, "os", types.SimpleNamespace(replace=rename_fails))
+    monkeypatch.setattr(segments, "os", types.SimpleNamespace(replace=rename_fails))
     rc = main(generate_args(test_image, "--model", str(tiny_model), "--profile", "cpu", *FAST))
     err = capsys.readouterr().err
     assert rc == 1
@@ -336,3 +339,5 @@ def test_failure_while_finishing_the_file_leaves_no_output(run_in_tmp, capsys, t
     assert partial.name.startswith(".out.mp4.partial-") and size > 0  # it really was written
     assert not partial.exists()
     assert leftovers(run_in_tmp) == []
+    # Every section finished, so the job folder stays for `framepack resume`.
+    assert (run_in_tmp / "out.mp4.job" / "checkpoint.safetensors").exists()

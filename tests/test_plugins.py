@@ -67,8 +67,8 @@ def test_builtins_register_the_defaults():
     registry = collect_backends(build_plugin_manager())
     assert "sdpa" in registry.names("attention")
     assert {"resident", "model_swap"} <= set(registry.names("offload"))
-    assert registry.names("cache") == ["none"]
-    assert registry.names("writer") == ["mp4"]
+    assert registry.names("cache") == ["first_block", "magcache", "none", "teacache"]
+    assert registry.names("writer") == ["latents", "mp4", "png", "webm"]
     assert registry.names("text_encoder") == ["hunyuan"]
     assert registry.names("image_encoder") == ["siglip"]
     assert registry.names("vae") == ["hunyuan_vae"]

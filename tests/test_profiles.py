@@ -465,5 +465,4 @@ def test_shipped_gpu_profile_on_this_engine_falls_back_to_what_is_installed():
     assert engine.profile.name == "cuda-80gb"
     assert engine.choices["attention"].name == "sdpa"
     assert [s.split(":")[0] for s in engine.choices["attention"].skipped] == ["flash3", "flash", "sage"]
-    assert engine.choices["cache"].name == "none"
-    assert engine.choices["cache"].skipped[0].startswith("teacache: ")
+    assert engine.choices["cache"].name == "teacache"  # TeaCache on by default, as the original

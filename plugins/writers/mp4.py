@@ -1,61 +1,70 @@
-"""Writer `mp4`: H.264 in MP4 via PyAV (yuv420p, constant quality CRF, 30 fps)."""
+"""Writer `mp4`: H.264 in MP4 via PyAV (yuv420p, constant quality CRF, 30 fps).
+
+Each section is its own segment file; ``join`` copies their packets into
+one MP4 without re-encoding (framepack.segments).
+
+Every x264 setting but ``crf`` and ``preset`` is fixed, so all segments of
+a job (and of a resumed job) share one set of codec parameters. The fixed
+ones are chosen to play everywhere, dark scenes included:
+
+- ``profile=high``, ``yuv420p``: what every hardware decoder plays. The
+  original first shipped ``crf = 0``; x264 can only write lossless as the
+  High 4:4:4 Predictive profile, which Windows Media Player, QuickTime and
+  Firefox show as a black clip (lllyasviel/FramePack pull 49). ``crf = 0``
+  is therefore refused; the ``png`` writer is the lossless output.
+- ``aq-mode=3``: adaptive quantisation biased towards dark scenes, so
+  near-black gradients keep their bits instead of turning into blocks.
+- BT.709 limited-range colour tags, and the RGB -> YUV conversion done with
+  those coefficients (framepack.segments), so players neither crush nor
+  lift the blacks.
+- ``+faststart`` on the joined file: the index goes first, so playback
+  starts before a download ends.
+"""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 
-import numpy as np
-
 from framepack.backends import WriterBackend
+from framepack.errors import ConfigError
 from framepack.hookspecs import hookimpl
-from framepack.writing import partial_path
+from framepack.segments import VideoSegmentWriter, remux_join
+
+PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow", "placebo")
+FIXED = {"profile": "high", "x264-params": "aq-mode=3"}
 
 
 @dataclass(frozen=True)
 class Mp4Options:
-    crf: int = 16  # the original's default; lower is better quality, 0 is lossless
+    crf: int = 16  # the original's final default; 1 (best) to 51
     preset: str = "medium"  # x264 speed/size trade-off
 
+    def __post_init__(self) -> None:
+        where = "writer mp4 options"
+        if self.crf == 0:
+            raise ConfigError(
+                f"{where}: crf 0 is lossless, which x264 writes only as High 4:4:4 Predictive, a profile many "
+                "players (Windows Media Player, QuickTime, Firefox) show as a black clip; use crf 1 or more, "
+                "or the png writer for lossless frames"
+            )
+        if not 1 <= self.crf <= 51:
+            raise ConfigError(f"{where}: crf {self.crf} must be between 1 (best) and 51")
+        if self.preset not in PRESETS:
+            raise ConfigError(f"{where}: preset '{self.preset}' is not one of {', '.join(PRESETS)}")
 
-class Mp4Writer:
-    def __init__(self, path: Path, fps: int, width: int, height: int, options: Mp4Options) -> None:
-        import av  # lazily: only jobs that write video need FFmpeg
 
-        if width % 2 or height % 2:
-            raise ValueError(f"yuv420p needs even sizes, got {width}x{height}")
-        self.path = Path(path)
-        self._tmp = partial_path(self.path)
-        self._container = av.open(str(self._tmp), mode="w", format="mp4")
-        self._stream = self._container.add_stream("libx264", rate=Fraction(fps, 1))
-        self._stream.width, self._stream.height = width, height
-        self._stream.pix_fmt = "yuv420p"
-        self._stream.options = {"crf": str(options.crf), "preset": options.preset}
-        self._av = av
-        self.frames_written = 0
+def codec_options(options: Mp4Options) -> dict[str, str]:
+    """The libx264 settings; identical for every segment of a job."""
+    return {"crf": str(options.crf), "preset": options.preset, **FIXED}
 
-    def write(self, frames: np.ndarray) -> None:
-        # frames: (T, H, W, 3) uint8
-        for frame in frames:
-            video_frame = self._av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
-            for packet in self._stream.encode(video_frame):
-                self._container.mux(packet)
-            self.frames_written += 1
 
-    def close(self) -> None:
-        for packet in self._stream.encode():  # flush the encoder
-            self._container.mux(packet)
-        self._container.close()
-        os.replace(self._tmp, self.path)
+def open_segment(path: Path, fps: int, width: int, height: int, options: Mp4Options) -> VideoSegmentWriter:
+    return VideoSegmentWriter(path, "mp4", "libx264", fps, width, height, codec_options(options))
 
-    def abort(self) -> None:
-        try:
-            self._container.close()
-        except Exception:  # closing a broken container may fail; the file goes anyway
-            pass
-        self._tmp.unlink(missing_ok=True)
+
+def join(segments: list[Path], out: Path, options: Mp4Options, metadata: dict[str, str]) -> None:
+    remux_join(segments, out, "mp4", metadata, {"movflags": "+faststart"})
 
 
 @hookimpl
@@ -64,7 +73,8 @@ def framepack_register_writers(register):
         WriterBackend(
             name="mp4",
             suffix=".mp4",
-            open=lambda path, fps, width, height, options: Mp4Writer(path, fps, width, height, options),
+            open=open_segment,
+            join=join,
             options=Mp4Options,
             description="H.264 MP4 (yuv420p, CRF), playable everywhere",
         )
