@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from framepack.errors import UserError
@@ -68,24 +68,6 @@ class JobSettings:
         for key in ("image", "output", "latents_out"):
             data[key] = None if data[key] is None else str(data[key])
         return data
-
-
-def settings_from_dict(data: dict) -> JobSettings:
-    """JobSettings from ``to_dict()`` output (a job folder, a video's metadata)."""
-    known = {f.name for f in fields(JobSettings)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise UserError(f"settings from a newer engine? unknown key(s) {unknown}")
-    values = dict(data)
-    for key in ("image", "output", "latents_out"):
-        if values.get(key) is not None:
-            values[key] = Path(values[key])
-    if values.get("size") is not None:
-        values["size"] = tuple(values["size"])
-    try:
-        return JobSettings(**values).validate()
-    except TypeError as exc:
-        raise UserError(f"incomplete job settings: {exc}") from exc
 
 
 def parse_size(text: str) -> tuple[int, int]:
