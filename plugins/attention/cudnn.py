@@ -15,16 +15,15 @@ import torch.nn.functional as F
 from framepack.backends import AttentionBackend
 from framepack.hardware import HardwareInfo
 from framepack.hookspecs import hookimpl
+from framepack.kernel_support import cuda_reason
 
 NAME = "cudnn"
 
 
 def unavailable(hardware: HardwareInfo) -> str | None:
-    if hardware.device != "cuda":
-        return "needs CUDA"
-    cc = hardware.compute_capability
-    if cc is not None and cc < (8, 0):
-        return f"needs sm80+ (this GPU is sm{cc[0]}{cc[1]})"
+    reason = cuda_reason(hardware, min_cc=(8, 0))
+    if reason:
+        return reason
     from torch.nn.attention import SDPBackend
 
     if not hasattr(SDPBackend, "CUDNN_ATTENTION"):

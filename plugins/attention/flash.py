@@ -9,8 +9,6 @@ Needs CUDA on Ampere or newer (sm80+) and half precision inputs.
 
 from __future__ import annotations
 
-import importlib.util
-from importlib import metadata
 
 import torch
 
@@ -18,29 +16,18 @@ from framepack.backends import AttentionBackend
 from framepack.errors import PluginError
 from framepack.hardware import HardwareInfo
 from framepack.hookspecs import hookimpl
+from framepack.kernel_support import check_unmasked_half, cuda_reason, dist_version, missing_module
 
 NAME = "flash"
 INSTALL = "pip install framepack[flash]"
 
 
 def unavailable(hardware: HardwareInfo) -> str | None:
-    # Hardware first: installing the library cannot fix a missing or old GPU.
-    if hardware.device != "cuda":
-        return "needs CUDA"
-    cc = hardware.compute_capability
-    # Unknown capability (simulated hardware without it): let the self-check decide.
-    if cc is not None and cc < (8, 0):
-        return f"needs sm80+ (this GPU is sm{cc[0]}{cc[1]})"
-    if importlib.util.find_spec("flash_attn") is None:
-        return f"flash_attn is not installed ({INSTALL})"
-    return None
+    return cuda_reason(hardware, min_cc=(8, 0)) or missing_module("flash_attn", INSTALL)
 
 
 def version() -> str:
-    try:
-        return metadata.version("flash-attn")
-    except metadata.PackageNotFoundError:
-        return ""
+    return dist_version("flash-attn")
 
 
 def _import():
@@ -52,15 +39,7 @@ def _import():
 
 
 def _check(query: torch.Tensor, attn_mask) -> None:
-    # Both are errors a user can reach (a float32 profile, a direct call);
-    # flash-attn's own messages do not say what to change.
-    if attn_mask is not None:
-        raise ValueError(f"attention backend '{NAME}' cannot mask; call it through framepack.attention.build_attention")
-    if query.dtype not in (torch.float16, torch.bfloat16):
-        raise ValueError(
-            f"attention backend '{NAME}' needs float16 or bfloat16 inputs, got {query.dtype} "
-            "(set the transformer dtype to bfloat16, or use attention = sdpa)"
-        )
+    check_unmasked_half(NAME, query, attn_mask)
 
 
 def make_kernel(options):

@@ -12,8 +12,6 @@ Layout (B, L, H, D) as it is; no masks (the engine crops and uses varlen).
 
 from __future__ import annotations
 
-import importlib.util
-from importlib import metadata
 
 import torch
 
@@ -21,6 +19,7 @@ from framepack.backends import AttentionBackend
 from framepack.errors import PluginError
 from framepack.hardware import HardwareInfo
 from framepack.hookspecs import hookimpl
+from framepack.kernel_support import check_unmasked_half, cuda_reason, dist_version, missing_module
 
 NAME = "flash3"
 INSTALL = "build FlashAttention 3: `cd hopper && pip install .` in a clone of github.com/Dao-AILab/flash-attention"
@@ -28,26 +27,12 @@ DISTRIBUTIONS = ("flash_attn_3", "flash-attn-3", "flashattn-hopper")
 
 
 def unavailable(hardware: HardwareInfo) -> str | None:
-    # Hardware first: installing the library cannot fix the GPU.
-    if hardware.device != "cuda":
-        return "needs CUDA"
-    cc = hardware.compute_capability
-    # FA3's kernels use Hopper-only instructions (wgmma, TMA): sm90 exactly,
-    # not Ada (sm89) and not Blackwell (sm100/sm120).
-    if cc is not None and cc[0] != 9:
-        return f"needs a Hopper GPU (sm90), this GPU is sm{cc[0]}{cc[1]}"
-    if importlib.util.find_spec("flash_attn_interface") is None:
-        return f"flash_attn_interface is not installed ({INSTALL})"
-    return None
+    # FA3 uses Hopper-only instructions (wgmma, TMA): sm90, not Ada or Blackwell.
+    return cuda_reason(hardware, major=9, label="a Hopper GPU (sm90)") or missing_module("flash_attn_interface", INSTALL)
 
 
 def version() -> str:
-    for dist in DISTRIBUTIONS:
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
-    return ""
+    return dist_version(*DISTRIBUTIONS)
 
 
 def _import():
@@ -63,13 +48,7 @@ def _out(result) -> torch.Tensor:
 
 
 def _check(query: torch.Tensor, attn_mask) -> None:
-    if attn_mask is not None:
-        raise ValueError(f"attention backend '{NAME}' cannot mask; call it through framepack.attention.build_attention")
-    if query.dtype not in (torch.float16, torch.bfloat16):
-        raise ValueError(
-            f"attention backend '{NAME}' needs float16 or bfloat16 inputs, got {query.dtype} "
-            "(set the transformer dtype to bfloat16, or use attention = sdpa)"
-        )
+    check_unmasked_half(NAME, query, attn_mask)
 
 
 def make_kernel(options):

@@ -12,8 +12,6 @@ made; callers that reuse the key tensor should know.
 
 from __future__ import annotations
 
-import importlib.util
-from importlib import metadata
 
 import torch
 
@@ -21,6 +19,7 @@ from framepack.backends import AttentionBackend
 from framepack.errors import PluginError
 from framepack.hardware import HardwareInfo
 from framepack.hookspecs import hookimpl
+from framepack.kernel_support import check_unmasked_half, cuda_reason, dist_version, missing_module
 
 NAME = "sage"
 INSTALL = "pip install framepack[sage]"
@@ -41,24 +40,12 @@ TOLERANCE = 0.08
 
 
 def unavailable(hardware: HardwareInfo) -> str | None:
-    # Hardware first: installing the library cannot fix a missing or old GPU.
-    if hardware.device != "cuda":
-        return "needs CUDA"
-    cc = hardware.compute_capability
-    if cc is not None and cc < (8, 0):
-        return f"needs sm80+ (this GPU is sm{cc[0]}{cc[1]})"
-    # A GPU newer than the installed release knows (SageAttention 2 raises
-    # "Unsupported CUDA architecture") is caught by the engine's self-check.
-    if importlib.util.find_spec("sageattention") is None:
-        return f"sageattention is not installed ({INSTALL})"
-    return None
+    # A GPU newer than the installed release knows is caught by the self-check.
+    return cuda_reason(hardware, min_cc=(8, 0)) or missing_module("sageattention", INSTALL)
 
 
 def version() -> str:
-    try:
-        return metadata.version("sageattention")
-    except metadata.PackageNotFoundError:
-        return ""
+    return dist_version("sageattention")
 
 
 def _import():
@@ -70,13 +57,7 @@ def _import():
 
 
 def _check(query: torch.Tensor, attn_mask) -> None:
-    if attn_mask is not None:
-        raise ValueError(f"attention backend '{NAME}' cannot mask; call it through framepack.attention.build_attention")
-    if query.dtype not in (torch.float16, torch.bfloat16):
-        raise ValueError(
-            f"attention backend '{NAME}' needs float16 or bfloat16 inputs, got {query.dtype} "
-            "(set the transformer dtype to bfloat16, or use attention = sdpa)"
-        )
+    check_unmasked_half(NAME, query, attn_mask)
 
 
 def make_kernel(options):

@@ -9,32 +9,23 @@ Runs on any CUDA GPU it was built for, in float32 too.
 
 from __future__ import annotations
 
-import importlib.util
-from importlib import metadata
 
 from framepack.backends import AttentionBackend
 from framepack.errors import PluginError
 from framepack.hardware import HardwareInfo
 from framepack.hookspecs import hookimpl
+from framepack.kernel_support import cuda_reason, dist_version, missing_module
 
 NAME = "xformers"
 INSTALL = "pip install framepack[xformers]"
 
 
 def unavailable(hardware: HardwareInfo) -> str | None:
-    # Hardware first: installing the library cannot fix a missing GPU.
-    if hardware.device != "cuda":
-        return "needs CUDA"
-    if importlib.util.find_spec("xformers") is None:
-        return f"xformers is not installed ({INSTALL})"
-    return None
+    return cuda_reason(hardware) or missing_module("xformers", INSTALL)
 
 
 def version() -> str:
-    try:
-        return metadata.version("xformers")
-    except metadata.PackageNotFoundError:
-        return ""
+    return dist_version("xformers")
 
 
 def _import():
