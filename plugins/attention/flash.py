@@ -10,7 +10,6 @@ Needs CUDA on Ampere or newer (sm80+) and half precision inputs.
 from __future__ import annotations
 
 
-import torch
 
 from framepack.backends import AttentionBackend
 from framepack.errors import PluginError
@@ -38,15 +37,11 @@ def _import():
     return flash_attn
 
 
-def _check(query: torch.Tensor, attn_mask) -> None:
-    check_unmasked_half(NAME, query, attn_mask)
-
-
 def make_kernel(options):
     flash_attn_func = _import().flash_attn_func
 
     def flash_kernel(query, key, value, attn_mask):  # (B, L, H, D) in and out
-        _check(query, attn_mask)
+        check_unmasked_half(NAME, query, attn_mask)
         return flash_attn_func(query, key, value, dropout_p=0.0, causal=False)
 
     return flash_kernel
@@ -57,7 +52,7 @@ def make_varlen_kernel(options):
 
     def flash_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
         # query (total_q, H, D), key/value (total_k, H, D), cu_seqlens int32 (B + 1,)
-        _check(query, None)
+        check_unmasked_half(NAME, query, None)
         return flash_attn_varlen_func(
             query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0, causal=False
         )

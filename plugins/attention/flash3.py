@@ -47,15 +47,11 @@ def _out(result) -> torch.Tensor:
     return result[0] if isinstance(result, tuple) else result  # (out, lse) in some releases
 
 
-def _check(query: torch.Tensor, attn_mask) -> None:
-    check_unmasked_half(NAME, query, attn_mask)
-
-
 def make_kernel(options):
     flash_attn_func = _import().flash_attn_func
 
     def flash3_kernel(query, key, value, attn_mask):  # (B, L, H, D) in and out
-        _check(query, attn_mask)
+        check_unmasked_half(NAME, query, attn_mask)
         return _out(flash_attn_func(query, key, value, causal=False))
 
     return flash3_kernel
@@ -67,7 +63,7 @@ def make_varlen_kernel(options):
     def flash3_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
         # query (total_q, H, D), key/value (total_k, H, D), cu_seqlens int32 (B + 1,).
         # The seven leading arguments are positional in every release.
-        _check(query, None)
+        check_unmasked_half(NAME, query, None)
         return _out(
             flash_attn_varlen_func(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=False)
         )

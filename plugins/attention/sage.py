@@ -13,7 +13,6 @@ made; callers that reuse the key tensor should know.
 from __future__ import annotations
 
 
-import torch
 
 from framepack.backends import AttentionBackend
 from framepack.errors import PluginError
@@ -56,15 +55,11 @@ def _import():
     return sageattention
 
 
-def _check(query: torch.Tensor, attn_mask) -> None:
-    check_unmasked_half(NAME, query, attn_mask)
-
-
 def make_kernel(options):
     sageattn = _import().sageattn
 
     def sage_kernel(query, key, value, attn_mask):  # (B, L, H, D) in and out
-        _check(query, attn_mask)
+        check_unmasked_half(NAME, query, attn_mask)
         return sageattn(query, key, value, tensor_layout="NHD", is_causal=False)
 
     return sage_kernel
@@ -75,7 +70,7 @@ def make_varlen_kernel(options):
 
     def sage_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
         # query (total_q, H, D), key/value (total_k, H, D), cu_seqlens int32 (B + 1,)
-        _check(query, None)
+        check_unmasked_half(NAME, query, None)
         return sageattn_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal=False)
 
     return sage_varlen

@@ -16,9 +16,6 @@ from framepack.backends import OffloadBackend
 from framepack.hookspecs import hookimpl
 from framepack_plugins.offload.model_swap import ModelSwapOptions, ModelSwapPolicy
 
-STREAMED = ("transformer", "text_encoder")
-
-
 class LayerSwap:
     """The hooks of one module: its own weights in before forward, the CPU
     originals back after (the device copies are simply dropped)."""
@@ -55,12 +52,10 @@ def install_dynamic_swap(model: torch.nn.Module, device: torch.device) -> list:
 
 
 class DynamicSwapPolicy(ModelSwapPolicy):
-    def prepare(self, models: dict[str, torch.nn.Module]) -> None:
-        super().prepare(models)
-        for name in STREAMED:
-            if name in self.models:
-                install_dynamic_swap(self.models[name], self.execution_device)
-                self.streamed.add(name)
+    STREAMED = ("transformer", "text_encoder")
+
+    def stream(self, model: torch.nn.Module) -> None:
+        install_dynamic_swap(model, self.execution_device)
 
     def describe(self) -> str:
         return f"transformer and Llama copied to {self.execution_device} layer by layer on every use (synchronous)"

@@ -6,8 +6,8 @@ largest stage rather than the sum. Before a move on CUDA it checks the model
 fits while `reserve_gb` stays free, and stops with the numbers if not (instead
 of an out-of-memory error half-way through a video).
 
-Subclasses stream some models layer by layer instead (``streamed``): those
-are never moved whole.
+Subclasses stream the models named in ``STREAMED`` layer by layer instead
+(``stream``): those are never moved whole.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ class ModelSwapOptions:
 
 
 class ModelSwapPolicy(StageTracker):
+    STREAMED: tuple[str, ...] = ()  # models a subclass streams instead of moving whole
+
     def __init__(self, device: torch.device, options: ModelSwapOptions = ModelSwapOptions()) -> None:
         super().__init__(device)
         self.options = options
@@ -44,6 +46,14 @@ class ModelSwapPolicy(StageTracker):
         for module in self.models.values():
             module.to("cpu")
         self.resident.clear()
+        for name in self.STREAMED:
+            if name in self.models:
+                self.stream(self.models[name])
+                self.streamed.add(name)
+
+    def stream(self, model: torch.nn.Module) -> None:
+        """Make ``model`` run on the accelerator from CPU RAM (subclasses)."""
+        raise NotImplementedError
 
     def _check_fits(self, name: str) -> None:
         if self.execution_device.type != "cuda":

@@ -13,21 +13,15 @@ from framepack.backends import OffloadBackend
 from framepack.hookspecs import hookimpl
 from framepack_plugins.offload.model_swap import ModelSwapOptions, ModelSwapPolicy
 
-STREAMED = ("transformer", "text_encoder")
-
-
 class SequentialPolicy(ModelSwapPolicy):
-    def prepare(self, models: dict[str, torch.nn.Module]) -> None:
+    STREAMED = ("transformer", "text_encoder")
+
+    def stream(self, model: torch.nn.Module) -> None:
         from diffusers.hooks import apply_group_offloading
 
-        super().prepare(models)
-        for name in STREAMED:
-            if name in self.models:
-                apply_group_offloading(
-                    self.models[name], onload_device=self.execution_device, offload_device=torch.device("cpu"),
-                    offload_type="leaf_level",
-                )
-                self.streamed.add(name)
+        apply_group_offloading(
+            model, onload_device=self.execution_device, offload_device=torch.device("cpu"), offload_type="leaf_level"
+        )
 
     def describe(self) -> str:
         return f"transformer and Llama moved to {self.execution_device} one leaf module at a time"

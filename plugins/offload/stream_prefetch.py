@@ -18,9 +18,6 @@ from framepack.hardware import HardwareInfo
 from framepack.hookspecs import hookimpl
 from framepack_plugins.offload.model_swap import ModelSwapPolicy
 
-STREAMED = ("transformer", "text_encoder")
-
-
 @dataclass(frozen=True)
 class StreamPrefetchOptions:
     blocks_per_group: int = 1  # blocks moved per transfer; more = fewer, larger copies and more VRAM
@@ -31,18 +28,16 @@ class StreamPrefetchOptions:
 
 
 class StreamPrefetchPolicy(ModelSwapPolicy):
-    def prepare(self, models: dict[str, torch.nn.Module]) -> None:
+    STREAMED = ("transformer", "text_encoder")
+
+    def stream(self, model: torch.nn.Module) -> None:
         from diffusers.hooks import apply_group_offloading
 
-        super().prepare(models)
-        for name in STREAMED:
-            if name in self.models:
-                apply_group_offloading(
-                    self.models[name], onload_device=self.execution_device, offload_device=torch.device("cpu"),
-                    offload_type="block_level", num_blocks_per_group=self.options.blocks_per_group,
-                    use_stream=True, record_stream=True, low_cpu_mem_usage=self.options.low_cpu_mem_usage,
-                )
-                self.streamed.add(name)
+        apply_group_offloading(
+            model, onload_device=self.execution_device, offload_device=torch.device("cpu"),
+            offload_type="block_level", num_blocks_per_group=self.options.blocks_per_group,
+            use_stream=True, record_stream=True, low_cpu_mem_usage=self.options.low_cpu_mem_usage,
+        )
 
     def describe(self) -> str:
         return (f"transformer and Llama streamed to {self.execution_device} block by block, "
