@@ -84,6 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("dir", type=Path)
     t.add_argument("--seed", type=int, default=0)
 
+    f = sub.add_parser("make-full-model", help="write a model folder at the originals' full size with random weights "
+                       "(44 GB; for memory and speed benchmarks without downloads)")
+    f.add_argument("dir", type=Path)
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--parts", default=",".join(("transformer", "text_encoder", "text_encoder_2", "image_encoder", "vae")),
+                   help="comma-separated parts to write (default: all)")
+    f.add_argument("--shard-gb", type=float, default=4.0, help="largest safetensors shard (default 4)")
+
     c = sub.add_parser("calibrate", help="fit a step cache to your model: run uncached, measure, write a calibration file")
     c.add_argument("--cache", required=True, choices=("teacache", "magcache"), help="which cache to calibrate")
     c.add_argument("--image", required=True, type=Path, help="start image of the measured run")
@@ -159,6 +167,7 @@ def cmd_resume(args) -> int:
 def _run_job(args, settings, profile, overrides, config_files, job_dir, resume: bool) -> int:
     from framepack.assemble import assemble
     from framepack.generate import generate, preflight
+    from framepack.hardware import peak_memory_gb
     from framepack.jobdir import JobDir
     from framepack.progress import ProgressReporter
 
@@ -191,6 +200,7 @@ def _run_job(args, settings, profile, overrides, config_files, job_dir, resume: 
             "computed_steps": result.computed_steps,
             "skipped_steps": result.skipped_steps,
             "elapsed_s": round(result.elapsed_s, 3),
+            **{k: round(v, 3) for k, v in peak_memory_gb().items()},
             "profile": engine.profile.name,
             "backends": {f: c.name for f, c in engine.choices.items()},
             "settings": settings.to_dict(),
@@ -301,6 +311,24 @@ def cmd_make_tiny_model(args) -> int:
     return 0
 
 
+def cmd_make_full_model(args) -> int:
+    from framepack.full_model import PARTS, make_full_size_model
+
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown or not parts:
+        raise UserError(f"--parts: unknown {', '.join(unknown) or '(none given)'} (known: {', '.join(PARTS)})")
+    if args.shard_gb <= 0:
+        raise UserError("--shard-gb must be positive")
+    try:
+        path = make_full_size_model(args.dir, seed=args.seed, parts=parts, shard_gb=args.shard_gb,
+                                    progress=lambda msg: _eprint(f"wrote {msg}"))
+    except FileExistsError as exc:
+        raise UserError(str(exc)) from exc
+    _eprint(f"wrote a full-size random-weight model to {path} (for benchmarks; its videos are noise)")
+    return 0
+
+
 def cmd_calibrate(args) -> int:
     from framepack.calibrate import run_calibration
     from framepack.job import JobSettings, parse_size
@@ -324,7 +352,8 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "profiles": cmd_profiles, "plugins": cmd_plugins, "make-tiny-model": cmd_make_tiny_model, "cache": cmd_cache,
+COMMANDS = {"generate": cmd_generate, "profiles": cmd_profiles, "plugins": cmd_plugins, "make-tiny-model": cmd_make_tiny_model,
+            "make-full-model": cmd_make_full_model, "cache": cmd_cache,
             "resume": cmd_resume, "info": cmd_info,
             "calibrate": cmd_calibrate}
 

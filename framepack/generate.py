@@ -7,6 +7,7 @@ draws its noise in order, so a seed gives the same latents on every run.
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from framepack.attention import build_attention
 from framepack.buckets import nearest_bucket, resize_and_center_crop
 from framepack.config import torch_dtype
 from framepack.errors import FramepackError, UserError
+from framepack.heap import release_free_heap
 from framepack.events import JobEnd, JobStart
 from framepack.metadata import build_metadata, container_tags, model_info, sidecar_path, write_sidecar
 from framepack.hardware import device_present
@@ -182,36 +184,44 @@ def generate(settings: JobSettings, engine: Engine, image: np.ndarray | None = N
         )
     )
 
-    # Load everything to CPU RAM; the offload policy places it.
-    attention = build_attention(ch["attention"].backend, ch["attention"].options)
+    # Each stage's models are loaded to CPU RAM only when the stage comes, and the
+    # encoders are dropped before the transformer loads, so the RAM peak is the
+    # largest stage (the 13B transformer), not the sum of all models (about 42 GB
+    # in bf16/fp16). The offload policy places what each stage loads.
     quantize = engine.profile.quantize
+    policy = ch["offload"].backend.make_policy(ch["offload"].options, device)
     prompts = list(dict.fromkeys([settings.prompt] + ([settings.negative_prompt] if settings.cfg != 1 else [])))
     cached, store = _cached_prompts(settings, engine, source, prompts, dtype["text_encoder"])
     missing = [p for p in prompts if p not in cached]
-    text = None
+    embeddings = dict(cached)
     if missing:  # the 16 GB Llama loads only when a prompt is not in the cache
         text = ch["text_encoder"].backend.load(source, ch["text_encoder"].options, dtype["text_encoder"], quantize["text_encoder"])
-    vision = ch["image_encoder"].backend.load(source, ch["image_encoder"].options, dtype["image_encoder"], "none")
-    vae = ch["vae"].backend.load(source, ch["vae"].options, dtype["vae"], "none")
-    vae.set_tiling(engine.profile.vae_tiling)
-    transformer = load_transformer(source, dtype["transformer"], attention, quantize["transformer"], device)
-    policy = ch["offload"].backend.make_policy(ch["offload"].options, device)
-    policy.prepare({**(text.modules if text else {}), **vision.modules, **vae.modules, "transformer": transformer})
-    cache = ch["cache"].backend.make_cache(ch["cache"].options)
-    cache.bind(transformer)
-
-    cropped = resize_and_center_crop(image, height, width)
-    embeddings = dict(cached)
-    if text is not None:
+        release_free_heap()  # what quantizing on load freed (framepack.heap)
+        policy.prepare(text.modules)
         with policy.stage("text_encoder", "text_encoder_2"):
             for prompt in missing:
                 embeddings[prompt] = text.encode(prompt)
         store({p: embeddings[p] for p in missing})
         policy.release(*text.modules)  # done with it: its memory goes (16 GB for the real Llama)
         del text
+        gc.collect()
+        release_free_heap()
+    vision = ch["image_encoder"].backend.load(source, ch["image_encoder"].options, dtype["image_encoder"], "none")
+    vae = ch["vae"].backend.load(source, ch["vae"].options, dtype["vae"], "none")
+    vae.set_tiling(engine.profile.vae_tiling)
+    policy.prepare({**vision.modules, **vae.modules})
+    cropped = resize_and_center_crop(image, height, width)
     branches, start_latent = _condition(settings, embeddings, vision, vae, policy, cropped, dtype["transformer"])
     policy.release(*vision.modules)
     del vision
+    gc.collect()
+    release_free_heap()
+
+    attention = build_attention(ch["attention"].backend, ch["attention"].options)
+    transformer = load_transformer(source, dtype["transformer"], attention, quantize["transformer"], device)
+    policy.prepare({"transformer": transformer})
+    cache = ch["cache"].backend.make_cache(ch["cache"].options)
+    cache.bind(transformer)
     if checkpoint is not None and not torch.equal(start_latent, checkpoint.start_latent):
         raise UserError("the start image encodes differently than when this job started "
                         "(another image, VAE or machine); its checkpoint cannot continue")

@@ -4,6 +4,11 @@ Detection runs when asked (never at import). ``FRAMEPACK_HARDWARE`` may hold a
 JSON object with any of HardwareInfo's fields to simulate another machine,
 e.g. ``{"device": "cuda", "gpu_name": "RTX 3060 Laptop", "vram_total_gb": 6}``:
 ``framepack profiles`` then shows what would be picked there.
+
+``FRAMEPACK_VRAM_LIMIT_GB`` emulates a smaller card on a real CUDA GPU: the engine
+sees that much VRAM (so picks that card's profile) and torch's allocator refuses
+to go past it (``torch.cuda.set_per_process_memory_fraction``). Use it to try a
+6 GB laptop's settings on a big GPU; benchmarks/memory_bench.py does.
 """
 
 from __future__ import annotations
@@ -64,10 +69,16 @@ def _detect_real() -> HardwareInfo:
     import torch
 
     ram_total, ram_available = _system_ram_gb()
+    limit_gb = vram_limit_gb()
+    if limit_gb is not None and not torch.cuda.is_available():
+        raise UserError("FRAMEPACK_VRAM_LIMIT_GB emulates a smaller CUDA card and needs a CUDA GPU; none is available")
     if torch.cuda.is_available():
         index = torch.cuda.current_device()
         props = torch.cuda.get_device_properties(index)
         free, total = torch.cuda.mem_get_info(index)
+        if limit_gb is not None:
+            torch.cuda.set_per_process_memory_fraction(limit_fraction(limit_gb, total), index)
+            free, total = min(free, limit_gb * GIB), min(total, limit_gb * GIB)
         return HardwareInfo(
             device="cuda",
             gpu_name=props.name,
@@ -89,6 +100,39 @@ def _detect_real() -> HardwareInfo:
             ram_available_gb=ram_available,
         )
     return HardwareInfo(device="cpu", ram_total_gb=ram_total, ram_available_gb=ram_available)
+
+
+def vram_limit_gb() -> float | None:
+    raw = os.environ.get("FRAMEPACK_VRAM_LIMIT_GB")
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise UserError(f"FRAMEPACK_VRAM_LIMIT_GB must be a number of GB, got {raw!r}") from None
+    if not value > 0:
+        raise UserError(f"FRAMEPACK_VRAM_LIMIT_GB must be positive, got {raw!r}")
+    return value
+
+
+def limit_fraction(limit_gb: float, total_bytes: int) -> float:
+    """The allocator fraction that caps this process at ``limit_gb`` (1.0 when the card is smaller)."""
+    return min(1.0, limit_gb * GIB / total_bytes)
+
+
+def peak_memory_gb() -> dict[str, float]:
+    """This process's peaks so far: system RAM (resident set), and VRAM when CUDA was used."""
+    import resource
+    import sys
+
+    import torch
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    peaks = {"peak_ram_gb": rss / (GIB if sys.platform == "darwin" else 2**20)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        peaks["peak_vram_gb"] = torch.cuda.max_memory_allocated() / GIB
+        peaks["peak_vram_reserved_gb"] = torch.cuda.max_memory_reserved() / GIB
+    return peaks
 
 
 def hardware_from_dict(data: dict, where: str = "FRAMEPACK_HARDWARE") -> HardwareInfo:

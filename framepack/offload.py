@@ -1,8 +1,10 @@
 """The offload contract: where each model's weights live, stage by stage.
 
-The engine loads every model to CPU RAM, hands them to the policy with
-``prepare`` and wraps each stage of the job in ``stage(...)`` naming the
-models that stage runs (``text_encoder``, ``text_encoder_2``,
+The engine loads each stage's models to CPU RAM when that stage comes and
+hands them to the policy with ``prepare`` (called several times per job, each
+call adding models: text encoders, then image encoder and VAE, then the
+transformer once the encoders are released). It wraps each stage of the job
+in ``stage(...)`` naming the models that stage runs (``text_encoder``, ``text_encoder_2``,
 ``image_encoder``, ``vae``, ``transformer``). Inputs go to
 ``execution_device``; the policy makes sure the named models can run there.
 ``release`` says the job is done with some models (the encoders, once the
@@ -60,6 +62,12 @@ class StageTracker:
         unknown = [n for n in names if n not in self.models]
         if unknown:
             raise KeyError(f"stage names unknown model(s) {unknown}; loaded: {sorted(self.models)}")
+
+    def _add(self, models: dict[str, torch.nn.Module]) -> None:
+        again = sorted(set(models) & set(self.models))
+        if again:
+            raise KeyError(f"model(s) {again} were already prepared; release them first")
+        self.models.update(models)
 
     def release(self, *names: str) -> None:
         self._check(names)

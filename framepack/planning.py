@@ -10,6 +10,7 @@ benchmarks/ where a GPU was available; treat them as +-30 %.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 from framepack.config import Profile
 from framepack.errors import UserError
 from framepack.hardware import HardwareInfo
+from framepack.quantize import quantized_parameter_names
 
 GIB = 1024**3
 
@@ -25,11 +27,19 @@ GIB = 1024**3
 KNOWN_PARAMS = {
     "transformer": 12_874_314_816,  # counted from the config on the meta device
     "transformer_block": 339_831_296,  # largest block (a double-stream block)
-    "text_encoder": 7_504_924_672,  # Llama-3-8B without lm_head
+    "text_encoder": 7_505_186_816,  # HunyuanVideo's Llama-3-8B (vocabulary 128,320), no lm_head
     "text_encoder_2": 123_060_480,  # CLIP-L text
     "image_encoder": 428_225_600,  # SigLIP so400m
-    "vae": 246_000_000,
+    "vae": 246_478_803,
+    # Of those, what each weight format stores quantized (framepack.quantize decides
+    # what stays in the compute dtype; counted by applying it to the meta model).
+    "transformer_fp8": 9_061_785_600,
+    "transformer_block_fp8": 226_547_712,
+    "transformer_nf4": 12_457_279_488,
+    "transformer_block_nf4": 339_738_624,
+    "text_encoder_nf4": 6_979_321_856,  # every Linear; the 0.5B embedding stays fp16
 }
+FORMAT_BYTES = {"fp8": 1.0, "nf4": 0.5625}  # 4 bits + one fp32 scale per 64 weights
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 INNER_DIM = 3072  # 24 heads x 128
 
@@ -60,16 +70,30 @@ def count_params(source) -> dict[str, int]:
         from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoFramepackTransformer3DModel
         from transformers import AutoConfig, CLIPTextModel, LlamaModel, SiglipVisionModel
 
-        t = HunyuanVideoFramepackTransformer3DModel.from_config(json.loads((root / "transformer/config.json").read_text()))
+        config = json.loads((root / "transformer/config.json").read_text())
+        t = HunyuanVideoFramepackTransformer3DModel.from_config(config)
         counts["transformer"] = sum(p.numel() for p in t.parameters())
-        blocks = list(t.transformer_blocks) + list(t.single_transformer_blocks)
-        counts["transformer_block"] = max(sum(p.numel() for p in b.parameters()) for b in blocks)
+        largest = max(list(t.transformer_blocks) + list(t.single_transformer_blocks),
+                      key=lambda b: sum(p.numel() for p in b.parameters()))
+        counts["transformer_block"] = sum(p.numel() for p in largest.parameters())
+        block_names = {name for name, module in t.named_modules() if module is largest}
+        for fmt in ("fp8", "nf4"):
+            if fmt == "nf4" and importlib.util.find_spec("bitsandbytes") is None:
+                continue  # cannot be used here anyway; the original's counts stand in
+            sizes = dict(t.named_parameters())
+            quantized = quantized_parameter_names(HunyuanVideoFramepackTransformer3DModel.from_config(config), fmt)
+            counts[f"transformer_{fmt}"] = sum(sizes[n].numel() for n in quantized)
+            counts[f"transformer_block_{fmt}"] = sum(
+                sizes[n].numel() for n in quantized if any(n.startswith(b + ".") for b in block_names))
         v = AutoencoderKLHunyuanVideo.from_config(json.loads((root / "vae/config.json").read_text()))
         counts["vae"] = sum(p.numel() for p in v.parameters())
         for part, cls in (("text_encoder", LlamaModel), ("text_encoder_2", CLIPTextModel), ("image_encoder", SiglipVisionModel)):
-            config = AutoConfig.from_pretrained(root / part)
-            counts[part] = sum(p.numel() for p in cls(config).parameters())
-    del torch
+            model = cls(AutoConfig.from_pretrained(root / part))
+            counts[part] = sum(p.numel() for p in model.parameters())
+            if part == "text_encoder":  # transformers' NF4 quantizes every Linear weight
+                counts["text_encoder_nf4"] = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    for key, value in KNOWN_PARAMS.items():
+        counts.setdefault(key, value)
     return counts
 
 
@@ -81,21 +105,23 @@ def packed_tokens(height: int, width: int, latent_window_size: int = 9) -> int:
     return (latent_window_size + 2) * per_frame + ceil(h, 4) * ceil(w, 4) + 4 * ceil(h, 8) * ceil(w, 8)
 
 
-def _weight_bytes(params: int, dtype: str, fmt: str = "none") -> float:
-    if fmt == "fp8":
-        return params * 1.0
-    if fmt == "nf4":
-        return params * 0.56  # 4 bits + block scales
-    return params * DTYPE_BYTES[dtype]
+def _weight_bytes(params: int, dtype: str, fmt: str = "none", quantized: int | None = None) -> float:
+    """Bytes of ``params`` weights of which ``quantized`` (default: all) are stored in
+    ``fmt`` and the rest in ``dtype``."""
+    if fmt not in FORMAT_BYTES:
+        return params * DTYPE_BYTES[dtype]
+    q = params if quantized is None else quantized
+    return q * FORMAT_BYTES[fmt] + (params - q) * DTYPE_BYTES[dtype]
 
 
 def estimate(profile: Profile, offload: str, params: dict[str, int], height: int, width: int,
              frames: int, latent_window_size: int = 9, inverted: bool = True, device: str = "cuda") -> Plan:
     q, dt = profile.quantize, profile.dtype
+    tq, lq = q["transformer"], q["text_encoder"]
     weights = {
-        "transformer": _weight_bytes(params["transformer"], dt["transformer"], q["transformer"]),
-        "block": _weight_bytes(params["transformer_block"], dt["transformer"], q["transformer"]),
-        "llama": _weight_bytes(params["text_encoder"], dt["text_encoder"], q["text_encoder"]),
+        "transformer": _weight_bytes(params["transformer"], dt["transformer"], tq, params.get(f"transformer_{tq}")),
+        "block": _weight_bytes(params["transformer_block"], dt["transformer"], tq, params.get(f"transformer_block_{tq}")),
+        "llama": _weight_bytes(params["text_encoder"], dt["text_encoder"], lq, params.get(f"text_encoder_{lq}")),
         "clip": _weight_bytes(params["text_encoder_2"], dt["text_encoder"]),
         "siglip": _weight_bytes(params["image_encoder"], dt["image_encoder"]),
         "vae": _weight_bytes(params["vae"], dt["vae"]),
@@ -120,11 +146,14 @@ def estimate(profile: Profile, offload: str, params: dict[str, int], height: int
     else:  # model_swap
         vram = max(weights["transformer"] + activations, weights["vae"] + vae_decode, text_stage, weights["siglip"])
     vram += overhead
-    # RAM: the weights that live in RAM, plus the decoded video held until written.
-    on_cpu = sum(weights.values()) - weights["block"]
-    if offload == "resident":
-        on_cpu = max(weights["transformer"], weights["llama"])  # the largest load in flight
-    elif offload == "stream_prefetch":
+    # RAM: each stage's models are loaded when it comes and the encoders are released
+    # before the transformer loads (framepack.generate), so the peak is the largest
+    # stage: text encoders; image encoder + VAE; transformer + VAE.
+    if offload == "resident" and device != "cpu":
+        on_cpu = max(weights["transformer"], text_stage)  # the largest load in flight
+    else:
+        on_cpu = max(text_stage, weights["siglip"] + weights["vae"], weights["transformer"] + weights["vae"])
+    if offload == "stream_prefetch":
         on_cpu += weights["transformer"] * 0.1  # pinned staging
     frame_bytes = height * width * 3
     video = (frames if inverted else 33) * frame_bytes + 33 * frame_bytes * 4  # uint8 + float edge

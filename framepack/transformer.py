@@ -33,22 +33,44 @@ def load_transformer(
     (needs CUDA; ``device`` is where it will run)."""
     from diffusers import HunyuanVideoFramepackTransformer3DModel
 
-    from framepack.quantize import apply_fp8_storage, transformer_quantization_config
+    from framepack.quantize import transformer_quantization_config
 
     config = transformer_quantization_config(quantize, dtype, device or torch.device("cpu"))
     where, sub = source.location("transformer")
     with source.loading("transformer"):
-        model = HunyuanVideoFramepackTransformer3DModel.from_pretrained(
-            where, subfolder=sub, torch_dtype=dtype, use_safetensors=True, quantization_config=config
-        )
+        if quantize == "fp8":
+            model = _load_fp8(HunyuanVideoFramepackTransformer3DModel, where, sub, dtype)
+        else:
+            model = HunyuanVideoFramepackTransformer3DModel.from_pretrained(
+                where, subfolder=sub, torch_dtype=dtype, use_safetensors=True, quantization_config=config
+            )
+            if quantize == "nf4":
+                from framepack.lazy_load import checkpoint_files
+                from framepack.quantize import restore_output_head
+
+                restore_output_head(model, checkpoint_files(where, sub), dtype)
     model.eval().requires_grad_(False)
     if not (model.config.has_image_proj and model.config.has_clean_x_embedder):
         raise ValueError("the transformer config must set has_image_proj and has_clean_x_embedder (FramePack checkpoints do)")
     install_attention(model, kernel)
     if dtype != torch.float32:
         keep_output_head_fp32(model)
-    if quantize == "fp8":
-        apply_fp8_storage(model, dtype)
+    return model
+
+
+def _load_fp8(cls, where: str, sub: str | None, dtype: torch.dtype) -> torch.nn.Module:
+    """fp8 storage without ever holding the model in ``dtype``: storage dtypes are set
+    on the meta model, then each tensor is cast as it is read (framepack.lazy_load).
+    Peak RAM is the fp8 model plus one tensor instead of the whole bf16 model."""
+    from accelerate import init_empty_weights
+
+    from framepack.lazy_load import checkpoint_files, load_into_meta_model
+    from framepack.quantize import apply_fp8_storage
+
+    with init_empty_weights():
+        model = cls.from_config(cls.load_config(where, subfolder=sub)).to(dtype)
+    apply_fp8_storage(model, dtype)
+    load_into_meta_model(model, checkpoint_files(where, sub), dtype)
     return model
 
 

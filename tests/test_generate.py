@@ -181,5 +181,7 @@ def test_cli_writes_a_playable_mp4(tiny_model, test_image, tmp_path, variant, se
     latents = load_file(str(lat))["latents"]
     assert latents.dtype == torch.float32 and latents.shape == (1, 16, 9 * sections + 1, height // 8, width // 8)
     assert "profile: cpu" in proc.stderr and "section 2/2" in proc.stderr
+    # The process's own memory peak, for benchmarks/memory_bench.py (no CUDA here: no VRAM entry).
+    assert 0.2 < summary["peak_ram_gb"] < 8 and "peak_vram_gb" not in summary
     # The video, its latents and the job's record; the job folder is gone.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latents.safetensors", "video.json", "video.mp4"]

@@ -28,6 +28,37 @@ def test_lossless_policies_match_resident_exactly(policy, resident, tiny_model, 
     assert torch.equal(result.latents, resident.latents)
 
 
+def test_encoders_are_gone_before_the_transformer_loads(tiny_model, test_image, tmp_path, monkeypatch):
+    """The RAM peak is the largest stage, not the sum of every model: when the
+    transformer loads, no text or image encoder is alive any more."""
+    import gc
+    import weakref
+
+    import framepack.generate as gen
+    from framepack_plugins.encoders import hunyuan_text, siglip
+
+    alive, seen = [], {}
+    for module in (hunyuan_text, siglip):
+        original = module.load
+
+        def tracking_load(*args, _original=original, **kwargs):
+            encoder = _original(*args, **kwargs)
+            alive.extend(weakref.ref(m) for m in encoder.modules.values())
+            return encoder
+
+        monkeypatch.setattr(module, "load", tracking_load)  # registration reads it when the engine is built
+    original_transformer = gen.load_transformer
+
+    def checking_load(*args, **kwargs):
+        gc.collect()
+        seen["encoders_alive"] = sum(ref() is not None for ref in alive)
+        return original_transformer(*args, **kwargs)
+
+    monkeypatch.setattr(gen, "load_transformer", checking_load)
+    run(tiny_model, test_image, tmp_path, seconds=1, steps=1, prompt_cache=False)
+    assert len(alive) == 3 and seen == {"encoders_alive": 0}
+
+
 def test_fp8_storage_is_close_to_resident(resident, tiny_model, test_image, tmp_path):
     result = run(tiny_model, test_image, tmp_path, seconds=1, steps=3, overrides=["quantize.transformer=fp8"])
     error = float((result.latents - resident.latents).norm() / resident.latents.norm())

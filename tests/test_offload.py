@@ -62,3 +62,22 @@ def test_resident_puts_everything_on_the_gpu():
     policy = ResidentPolicy("cuda")
     policy.prepare(models())
     assert all(next(m.parameters()).is_cuda for m in policy.models.values())
+
+
+@pytest.mark.parametrize("policy_cls", [ResidentPolicy, ModelSwapPolicy])
+def test_prepare_adds_models_stage_by_stage(policy_cls):
+    """The engine prepares the text encoders, then the image encoder and VAE, then
+    the transformer; each call adds to what is already placed."""
+    policy = policy_cls("cpu")
+    first, later = models(), {"image_encoder": torch.nn.Linear(4, 4)}
+    policy.prepare({"text_encoder": first["text_encoder"]})
+    with policy.stage("text_encoder"):
+        pass
+    policy.release("text_encoder")
+    policy.prepare(later)
+    policy.prepare({"transformer": first["transformer"]})
+    assert set(policy.models) == {"image_encoder", "transformer"}
+    with policy.stage("transformer"):
+        pass
+    with pytest.raises(KeyError, match="already prepared"):
+        policy.prepare({"transformer": torch.nn.Linear(4, 4)})

@@ -19,7 +19,7 @@ from framepack.assemble import assemble
 from framepack.cli import main
 from framepack.config import SHIPPED, apply_overrides, load_profiles, match_profile, select_profile
 from framepack.errors import ConfigError, UserError
-from framepack.hardware import HardwareInfo
+from framepack.hardware import HardwareInfo, detect_hardware, device_present, limit_fraction
 
 
 def cuda(vram: float, name: str = "NVIDIA test GPU", ram: float = 64.0) -> HardwareInfo:
@@ -188,6 +188,44 @@ def test_bad_simulated_hardware_is_a_clear_error(monkeypatch, capsys, env, words
     assert line.startswith("framepack: error:")
     for word in words:
         assert word in line
+
+
+@pytest.mark.parametrize(
+    "value, words",
+    [("six", ("FRAMEPACK_VRAM_LIMIT_GB", "'six'")), ("-1", ("positive",)), ("0", ("positive",))],
+)
+def test_bad_vram_limit_is_a_clear_error(monkeypatch, capsys, value, words):
+    monkeypatch.delenv("FRAMEPACK_HARDWARE", raising=False)
+    monkeypatch.setenv("FRAMEPACK_VRAM_LIMIT_GB", value)
+    assert main(["profiles"]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert all(word in line for word in words)
+
+
+@pytest.mark.skipif(device_present("cuda"), reason="checks the refusal on a machine without CUDA")
+def test_vram_limit_without_cuda_says_it_needs_one(monkeypatch, capsys):
+    monkeypatch.delenv("FRAMEPACK_HARDWARE", raising=False)
+    monkeypatch.setenv("FRAMEPACK_VRAM_LIMIT_GB", "6")
+    assert main(["profiles"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not device_present("cuda"), reason="emulating a smaller card needs a CUDA GPU")
+def test_vram_limit_emulates_a_smaller_card(monkeypatch):
+    import torch
+
+    monkeypatch.delenv("FRAMEPACK_HARDWARE", raising=False)
+    monkeypatch.setenv("FRAMEPACK_VRAM_LIMIT_GB", "6")
+    hw = detect_hardware()
+    assert hw.vram_total_gb <= 6
+    with pytest.raises(torch.OutOfMemoryError):
+        torch.empty(7 * 2**30, dtype=torch.uint8, device="cuda")
+    torch.cuda.set_per_process_memory_fraction(1.0)
+
+
+def test_vram_limit_fraction():
+    assert limit_fraction(6, 80 * 2**30) == pytest.approx(6 / 80)
+    assert limit_fraction(100, 80 * 2**30) == 1.0
 
 
 # --------------------------------------------------------------------------- user files

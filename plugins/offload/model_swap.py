@@ -42,13 +42,11 @@ class ModelSwapPolicy(StageTracker):
         self.swaps = 0  # model moves to the accelerator (for tests and logs)
 
     def prepare(self, models: dict[str, torch.nn.Module]) -> None:
-        self.models = dict(models)
-        for module in self.models.values():
+        self._add(models)
+        for name, module in models.items():
             module.to("cpu")
-        self.resident.clear()
-        for name in self.STREAMED:
-            if name in self.models:
-                self.stream(self.models[name])
+            if name in self.STREAMED:
+                self.stream(module)
                 self.streamed.add(name)
 
     def stream(self, model: torch.nn.Module) -> None:

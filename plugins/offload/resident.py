@@ -17,8 +17,8 @@ from framepack.offload import StageTracker
 
 class ResidentPolicy(StageTracker):
     def prepare(self, models: dict[str, torch.nn.Module]) -> None:
-        self.models = dict(models)
-        for module in self.models.values():
+        self._add(models)
+        for module in models.values():
             module.to(self.execution_device)
 
     def stage(self, *names: str) -> contextlib.AbstractContextManager[None]:
