@@ -38,7 +38,7 @@ class HardwareInfo:
         if self.device == "cuda":
             cc = ".".join(map(str, self.compute_capability)) if self.compute_capability else "?"
             gpu = (
-                f"{self.gpu_name} (sm {cc}), {self.vram_total_gb:.1f} GB VRAM"
+                f"{self.gpu_name or 'CUDA GPU'} (sm {cc}), {self.vram_total_gb:.1f} GB VRAM"
                 f" ({self.vram_free_gb:.1f} GB free)"
             )
         elif self.device == "mps":

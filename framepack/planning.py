@@ -155,10 +155,14 @@ def estimate(profile: Profile, offload: str, params: dict[str, int], height: int
         on_cpu = max(text_stage, weights["siglip"] + weights["vae"], weights["transformer"] + weights["vae"])
     if offload == "stream_prefetch":
         on_cpu += weights["transformer"] * 0.1  # pinned staging
-    frame_bytes = height * width * 3
-    video = (frames if inverted else 33) * frame_bytes + 33 * frame_bytes * 4  # uint8 + float edge
+    # Pixels: one section's decode (2*lws+1 latent frames -> 8*lws+1 frames) in float32
+    # plus the float cross-fade edge. Finished frames go to disk section by section
+    # (framepack.outputs), so neither the length nor the variant changes this.
+    frame_bytes = height * width * 3 * 4
+    video = (8 * latent_window_size + 1 + 33) * frame_bytes
     ram = on_cpu + video + 2.5 * GIB  # python, torch, libraries
-    notes = (f"{tokens} tokens per forward", f"transformer weights {weights['transformer'] / GIB:.1f} GB")
+    notes = (f"{tokens} tokens per forward", f"transformer weights {weights['transformer'] / GIB:.1f} GB",
+             f"{frames} frames written to disk section by section ({'end first' if inverted else 'in order'})")
     return Plan(offload, vram / GIB if device != "cpu" else 0.0, ram / GIB, notes)
 
 

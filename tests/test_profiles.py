@@ -105,13 +105,16 @@ def test_profiles_json_with_simulated_hardware(monkeypatch, capsys, machine, env
 
 
 def test_every_shipped_profile_is_reachable(shipped):
-    machines = [CPU, MPS] + [cuda(v / 2) for v in range(1, 401)]
+    machines = [CPU, MPS] + [cuda(v / 2, ram=ram) for v in range(1, 401) for ram in (15.5, 23.4, 62.5)]
     reached = {select_profile(shipped, hw).profile.name for hw in machines}
     assert reached == set(shipped.profiles)
 
 
 def test_every_vram_matches_exactly_one_cuda_profile(shipped):
-    cuda_profiles = [p for p in shipped.profiles.values() if "cuda" in p.match.get("device", ())]
+    """The VRAM tiers (the profiles without RAM rules) split the VRAM range; the
+    low-RAM profiles are checked below."""
+    cuda_profiles = [p for p in shipped.profiles.values()
+                     if "cuda" in p.match.get("device", ()) and not {"min_ram_gb", "max_ram_gb"} & set(p.match)]
     assert len(cuda_profiles) == 5
     problems = []
     for vram in (v / 2 for v in range(2, 401)):  # 1 to 200 GB in steps of 0.5
@@ -122,6 +125,27 @@ def test_every_vram_matches_exactly_one_cuda_profile(shipped):
         elif select_profile(shipped, hw).profile.name != matching[0]:
             problems.append(f"{vram} GB selects {select_profile(shipped, hw).profile.name}, not {matching[0]}")
     assert problems == []
+
+
+@pytest.mark.parametrize("ram, expected", [(15.5, "cuda-ram16"), (23.4, "cuda-ram24"), (31.2, None), (62.5, None)])
+@pytest.mark.parametrize("vram", [11.6, 15.6, 23.6])
+def test_low_ram_machines_with_mid_cards_get_smaller_weights(shipped, vram, ram, expected):
+    name = select_profile(shipped, cuda(vram, ram=ram)).profile.name
+    assert name == (expected or ("cuda-16gb" if vram < 20 else "cuda-24gb"))
+
+
+@pytest.mark.parametrize("seconds", [5, 60])
+@pytest.mark.parametrize("ram", [15.5, 23.4, 31.2, 62.5])
+@pytest.mark.parametrize("vram", [5.8, 7.8, 11.6, 15.6, 23.6])
+def test_the_selected_profile_fits_the_machine_by_the_planners_estimate(shipped, vram, ram, seconds):
+    """Cards up to 32 GB on machines with 16-64 GB of RAM: whatever profile is
+    picked, its first offload policy's plan for 640x608 fits VRAM and RAM."""
+    from framepack.planning import KNOWN_PARAMS, estimate
+
+    hw = cuda(vram, ram=ram)
+    profile = select_profile(shipped, hw).profile
+    plan = estimate(profile, profile.offload[0], KNOWN_PARAMS, 640, 608, 30 * seconds + 1, device="cuda")
+    assert plan.vram_gb <= vram and plan.ram_gb <= ram, (profile.name, plan)
 
 
 def test_vram_boundaries_min_inclusive_max_exclusive(shipped):
