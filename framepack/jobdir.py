@@ -100,10 +100,10 @@ class JobDir:
         save_file({"latents": latents.contiguous()}, str(tmp))
         os.replace(tmp, path)
 
-    def load_section_latents(self, count: int) -> list[torch.Tensor]:
+    def load_section_latents(self, index: int) -> torch.Tensor:
         from safetensors.torch import load_file
 
-        return [load_file(str(self.path / "latents" / f"{i:04d}.safetensors"))["latents"] for i in range(count)]
+        return load_file(str(self.path / "latents" / f"{index:04d}.safetensors"))["latents"]
 
     # --- the checkpoint -------------------------------------------------------
 

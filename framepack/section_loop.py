@@ -4,7 +4,8 @@ State that later sections need is small: the window of history latents they
 read as clean context or decode, the generator's state, and the pixels at
 the open edge of the cross-fade. It is checkpointed after each section;
 each section's new latents and finished frames are written once, to the job
-folder. Memory stays flat however long the video.
+folder. Memory stays flat however long the video (with glibc's heap kept
+from drifting, see framepack.heap).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from framepack.events import SectionEvent, StepEvent
+from framepack.heap import fixed_mmap_threshold
 from framepack.jobdir import Checkpoint
 from framepack.sampling import make_x0_model, sample_unipc, section_sigmas
 from framepack.sections import (
@@ -23,6 +25,7 @@ from framepack.sections import (
     inverted_layout,
     inverted_paddings,
     pixel_frames_per_section,
+    total_latent_frames,
 )
 from framepack.transformer import SectionContext, forward_velocity
 from framepack.video import PixelTimeline
@@ -46,6 +49,7 @@ def window_size(lws: int) -> int:
     return max(CONTEXT + 1, 2 * lws + 1)
 
 
+@fixed_mmap_threshold()  # per-section buffers in their own mmaps: no heap drift (framepack.heap)
 def run_sections(settings, engine, sections, height, width, branches, start_latent, vae, transformer,
                  policy, cache, outputs, jobdir, checkpoint: Checkpoint | None, tdtype) -> LoopResult:
     started = time.perf_counter()
@@ -129,10 +133,30 @@ def run_sections(settings, engine, sections, height, width, branches, start_late
 
     if outputs.add(timeline.finish(), sections):
         segments.append(sections)
-    parts = jobdir.load_section_latents(sections)  # generation order
-    result.latents = torch.cat(parts[::-1] if inverted else [start_latent, *parts], dim=2)
+    result.latents = _final_latents(jobdir, sections, lws, start_latent, inverted)
     result.frames = timeline.final_frames
     return result
+
+
+def _final_latents(jobdir, sections, lws, start_latent, inverted) -> torch.Tensor:
+    """The video's latents (1, 16, T, h, w) in playback order, filled in from the
+    job folder one section at a time: a torch.cat of all sections would hold
+    them twice, a term that grows with the length (185 MB for 60 s at 640x640)."""
+    _, channels, _, h, w = start_latent.shape
+    out = torch.empty((1, channels, total_latent_frames(sections, lws), h, w), dtype=torch.float32)
+    filled = 0
+    if not inverted:
+        out[:, :, :1] = start_latent
+        filled = 1
+    # The inverted model generates the end first; its last section carries the start latent.
+    for index in reversed(range(sections)) if inverted else range(sections):
+        part = jobdir.load_section_latents(index)  # (1, 16, lws or lws + 1, h, w)
+        out[:, :, filled : filled + part.shape[2]] = part
+        filled += part.shape[2]
+    if filled != out.shape[2]:
+        raise RuntimeError(f"the job folder holds {filled} latent frames for {sections} sections, "
+                           f"expected {out.shape[2]}")
+    return out
 
 
 def _sample_section(settings, transformer, cache, branches, context, noise, sigmas, tdtype, hook, index, sections, started):
