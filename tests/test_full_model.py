@@ -210,15 +210,10 @@ def test_release_free_heap_gives_pages_back_on_glibc():
     import platform
 
     from framepack.heap import release_free_heap
+    from tests.test_length import anon_mb
 
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         pytest.skip("malloc_trim is glibc's; elsewhere release_free_heap is a no-op")
-
-    def anon_mb() -> float:
-        for line in open("/proc/self/status"):
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) / 1024
-        raise AssertionError("no RssAnon")
 
     # 200 x 2 MB tensors from the heap (under the grown mmap threshold), every other one freed.
     big = torch.empty(20 * 2**20, dtype=torch.uint8)
