@@ -65,17 +65,17 @@ def load_into_meta_model(model: torch.nn.Module, files: list[Path], compute_dtyp
                 if name not in expected:
                     raise FramepackError(f"{path.name}: unexpected tensor {name!r} for {type(model).__name__}")
                 target = expected[name]
-                value = handle.get_tensor(name)
-                if tuple(value.shape) != tuple(target.shape):
+                read = handle.get_tensor(name)
+                if tuple(read.shape) != tuple(target.shape):
                     raise FramepackError(
-                        f"{path.name}: {name} has shape {tuple(value.shape)}, the config says {tuple(target.shape)}"
+                        f"{path.name}: {name} has shape {tuple(read.shape)}, the config says {tuple(target.shape)}"
                     )
-                if value.is_floating_point():
-                    value = value.to(compute_dtype).to(target.dtype)
-                # Always a private copy: a tensor left as a view of the memory-mapped
-                # file would keep the whole shard mapped, and every page read so far
-                # counted in the process's memory, for as long as the model lives.
-                value = value.clone()
+                value = read.to(compute_dtype).to(target.dtype) if read.is_floating_point() else read
+                if value.data_ptr() == read.data_ptr():
+                    # No cast made a copy: a tensor left as a view of the memory-mapped
+                    # file would keep the whole shard mapped, and every page read so far
+                    # counted in the process's memory, for as long as the model lives.
+                    value = value.clone()
                 set_module_tensor_to_device(model, name, "cpu", value=value)
                 seen.add(name)
         release_free_heap()  # after each shard: the freed source tensors' holes (framepack.heap)
