@@ -3,8 +3,11 @@
 Files are read in a fixed order, later ones overriding earlier ones key by
 key: the shipped ``framepack.toml``, the user's config dir
 (``$XDG_CONFIG_HOME/framepack/framepack.toml``), ``./framepack.toml``, then
-any ``--config FILE``. A profile with ``inherits = "other"`` starts as a copy
-of ``other``. Errors name the file, the table and the key.
+any ``--config FILE``. A profile with ``inherits = "other"`` (said where it is
+first defined) starts as a copy of ``other`` without its ``match``, as all the
+files together leave ``other``: the parent may be defined later, in the same
+file or another, and a later file's change to the parent reaches the child.
+Errors name the file, the table and the key; a cycle names its profiles.
 
 A profile's backend keys (``attention``, ``offload``, ``cache``) hold a
 preference list: the engine takes the first that can run here and says why
@@ -167,8 +170,9 @@ def user_config_files(cwd: Path | None = None) -> list[Path]:
 
 def load_profiles(extra_files: list[Path] | None = None, include_user_files: bool = True) -> ProfileSet:
     files = [SHIPPED] + (user_config_files() if include_user_files else []) + list(extra_files or [])
-    raw: dict[str, dict[str, Any]] = {}
-    sources: dict[str, list[str]] = {}
+    # name -> [(file, table as written there)], in file order; inheritance is
+    # resolved only once every file is read, so a parent may come later.
+    layers: dict[str, list[tuple[str, dict[str, Any]]]] = {}
     disabled: list[str] = []
     for path in files:
         data = read_toml(path)
@@ -188,22 +192,57 @@ def load_profiles(extra_files: list[Path] | None = None, include_user_files: boo
             if not isinstance(table, dict):
                 raise ConfigError(f"{where}: [profiles.{name}] must be a table, got {table!r}")
             validate_profile_table(where, name, table)
-            if name in raw and "inherits" in table:
+            if name in layers and "inherits" in table:
                 raise ConfigError(
                     f"{where}: [profiles.{name}] 'inherits' only works where a profile is first defined "
-                    f"('{name}' already comes from {', '.join(sources[name])})"
+                    f"('{name}' already comes from {', '.join(dict.fromkeys(w for w, _ in layers[name]))})"
                 )
-            if name not in raw and "inherits" in table:
-                parent = table["inherits"]
-                if parent not in raw:
-                    raise ConfigError(f"{where}: [profiles.{name}] inherits unknown profile '{parent}' (known: {', '.join(sorted(raw))})")
-                raw[name] = {k: v for k, v in copy.deepcopy(raw[parent]).items() if k != "match"}
-                sources[name] = list(sources[parent])
-            raw[name] = _deep_merge(raw.get(name, {}), table)
-            if where not in sources.setdefault(name, []):
-                sources[name].append(where)
+            layers.setdefault(name, []).append((where, table))
+    raw, sources = _resolve_inheritance(layers)
     profiles_out = {name: finish_profile(name, table, tuple(sources[name])) for name, table in raw.items()}
     return ProfileSet(profiles_out, raw, sources, disabled, [str(p) for p in files])
+
+
+def _resolve_inheritance(
+    layers: dict[str, list[tuple[str, dict[str, Any]]]],
+) -> tuple[dict[str, dict[str, Any]], dict[str, list[str]]]:
+    """Merge each profile's layers onto a copy of its parent (without ``match``)
+    as every file leaves the parent, parents first; -> (raw tables, sources)."""
+    raw: dict[str, dict[str, Any]] = {}
+    sources: dict[str, list[str]] = {}
+
+    def parent_of(name: str) -> str | None:
+        return layers[name][0][1].get("inherits")  # only the first definition may say it
+
+    def resolve(name: str, chain: list[str]) -> None:
+        if name in raw:
+            return
+        parent = parent_of(name)
+        base: dict[str, Any] = {}
+        from_files: list[str] = []
+        if parent is not None:
+            where = layers[name][0][0]
+            if parent not in layers:
+                raise ConfigError(f"{where}: [profiles.{name}] inherits unknown profile '{parent}' (known: {', '.join(sorted(layers))})")
+            if parent in chain:
+                cycle = chain[chain.index(parent):] + [parent]
+                files = ", ".join(dict.fromkeys(layers[n][0][0] for n in cycle))
+                raise ConfigError(
+                    f"{files}: profiles inherit in a cycle: {' -> '.join(cycle)}; remove one of these 'inherits'"
+                )
+            resolve(parent, chain + [parent])
+            base = {k: v for k, v in copy.deepcopy(raw[parent]).items() if k != "match"}
+            from_files = list(sources[parent])
+        for where, table in layers[name]:
+            base = _deep_merge(base, table)
+            from_files.append(where)
+        raw[name] = base
+        sources[name] = list(dict.fromkeys(from_files))
+
+    for name in layers:
+        resolve(name, [name])
+    # First-definition order, as the files list them (resolution order puts parents first).
+    return {name: raw[name] for name in layers}, {name: sources[name] for name in layers}
 
 
 def torch_dtype(name: str):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass
 
@@ -147,6 +148,9 @@ def hardware_from_dict(data: dict, where: str = "FRAMEPACK_HARDWARE") -> Hardwar
         value = values.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise UserError(f"{where}: '{key}' must be a number of GB, got {value!r}")
+        # JSON here allows NaN and Infinity; neither (nor a negative size) is a machine.
+        if value is not None and not (value >= 0 and (isinstance(value, int) or math.isfinite(value))):
+            raise UserError(f"{where}: '{key}' must be a finite number of GB, 0 or more, got {value!r}")
     if values["device"] == "cuda" and values.get("vram_total_gb") is None:
         raise UserError(f"{where}: 'vram_total_gb' is required for a cuda device (e.g. 23.6 for a 24 GB card)")
     if values.get("gpu_name") is not None and not isinstance(values["gpu_name"], str):

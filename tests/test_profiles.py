@@ -528,3 +528,111 @@ def test_shipped_gpu_profile_on_this_engine_falls_back_to_what_is_installed():
     assert engine.choices["attention"].name == "sdpa"
     assert [s.split(":")[0] for s in engine.choices["attention"].skipped] == ["flash3", "flash", "sage"]
     assert engine.choices["cache"].name == "teacache"  # TeaCache on by default, as the original
+
+
+# --------------------------------------------------------------------------- inheritance order
+
+
+CHILD_FIRST = """
+[profiles.child]
+inherits = "parent"
+attention = ["flash9", "sdpa"]
+
+[profiles.parent]
+inherits = "cpu"
+description = "defined after its child"
+vae_tiling = true
+"""
+
+
+def test_a_profile_can_inherit_one_defined_later_in_the_same_file(run_in_tmp):
+    path = write(run_in_tmp / "framepack.toml", CHILD_FIRST)
+    profiles = load_profiles()
+    child, parent = profiles.profiles["child"], profiles.profiles["parent"]
+    assert child.attention == ("flash9", "sdpa")
+    assert child.description == "defined after its child" and child.vae_tiling is True  # from the parent
+    assert child.offload == profiles.profiles["cpu"].offload  # from the grandparent
+    assert child.match == {}  # match is never inherited
+    assert parent.attention == ("sdpa",)  # the parent is untouched
+    assert child.sources == (str(SHIPPED), str(path))
+    # Profiles keep the order they were first defined in.
+    assert list(profiles.profiles)[-2:] == ["child", "parent"]
+
+
+def test_a_profile_can_inherit_one_defined_in_a_later_file(run_in_tmp):
+    xdg = write(user_config_path(), '[profiles.mine]\ninherits = "local"\nvae_tiling = true\n')
+    cwd = write(run_in_tmp / "framepack.toml", '[profiles.local]\ninherits = "cpu"\ndescription = "from cwd"\n')
+    mine = load_profiles().profiles["mine"]
+    assert mine.description == "from cwd" and mine.vae_tiling is True
+    assert mine.sources == (str(SHIPPED), str(cwd), str(xdg))
+
+
+def test_a_child_sees_its_parent_as_every_file_leaves_it(run_in_tmp, tmp_path_factory):
+    write(run_in_tmp / "framepack.toml", '[profiles.mine]\ninherits = "cpu"\n')
+    extra = write(tmp_path_factory.mktemp("cfg") / "extra.toml", '[profiles.cpu]\ndescription = "changed later"\n')
+    profiles = load_profiles(extra_files=[extra])
+    assert profiles.profiles["mine"].description == "changed later"
+    assert str(extra) in profiles.profiles["mine"].sources
+
+
+@pytest.mark.parametrize(
+    "text, cycle",
+    [
+        ('[profiles.a]\ninherits = "b"\n[profiles.b]\ninherits = "a"\n', "a -> b -> a"),
+        ('[profiles.a]\ninherits = "b"\n[profiles.b]\ninherits = "c"\n[profiles.c]\ninherits = "b"\n', "b -> c -> b"),
+        ('[profiles.a]\ninherits = "a"\n', "a -> a"),
+    ],
+)
+def test_an_inheritance_cycle_is_named(run_in_tmp, text, cycle):
+    path = write(run_in_tmp / "framepack.toml", text)
+    with pytest.raises(ConfigError) as exc:
+        load_profiles()
+    message = str(exc.value)
+    assert "cycle" in message and cycle in message and str(path) in message
+    assert len(message.splitlines()) == 1
+
+
+def test_inheriting_an_unknown_profile_defined_nowhere_names_the_later_ones_too(run_in_tmp):
+    path = write(run_in_tmp / "framepack.toml", '[profiles.mine]\ninherits = "lokal"\n[profiles.local]\ninherits = "cpu"\n')
+    with pytest.raises(ConfigError) as exc:
+        load_profiles()
+    message = str(exc.value)
+    assert str(path) in message and "[profiles.mine]" in message and "'lokal'" in message
+    assert "local" in message.split("known", 1)[1]
+
+
+def test_inherits_still_only_works_where_a_profile_is_first_defined(run_in_tmp):
+    path = write(run_in_tmp / "framepack.toml", '[profiles.cpu]\ninherits = "cuda-24gb"\n')
+    with pytest.raises(ConfigError) as exc:
+        load_profiles()
+    message = str(exc.value)
+    assert str(path) in message and "first defined" in message and str(SHIPPED) in message
+
+
+# --------------------------------------------------------------------------- simulated hardware numbers
+
+
+@pytest.mark.parametrize(
+    "env, key, shown",
+    [
+        ('{"device": "cuda", "vram_total_gb": -24}', "vram_total_gb", "-24"),
+        ('{"device": "cuda", "vram_total_gb": 24, "vram_free_gb": -1.5}', "vram_free_gb", "-1.5"),
+        ('{"device": "cpu", "ram_total_gb": -32}', "ram_total_gb", "-32"),
+        ('{"device": "cpu", "ram_available_gb": -0.5}', "ram_available_gb", "-0.5"),
+        ('{"device": "cuda", "vram_total_gb": NaN}', "vram_total_gb", "nan"),
+        ('{"device": "cuda", "vram_total_gb": Infinity}', "vram_total_gb", "inf"),
+        ('{"device": "mps", "vram_total_gb": 36, "ram_total_gb": -Infinity}', "ram_total_gb", "-inf"),
+    ],
+)
+def test_simulated_hardware_refuses_negative_and_non_finite_sizes(monkeypatch, capsys, env, key, shown):
+    monkeypatch.setenv("FRAMEPACK_HARDWARE", env)
+    assert main(["profiles"]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("framepack: error: FRAMEPACK_HARDWARE:")
+    assert f"'{key}'" in line and shown in line and "GB" in line
+
+
+def test_simulated_hardware_accepts_zero_and_integer_sizes(monkeypatch):
+    monkeypatch.setenv("FRAMEPACK_HARDWARE", '{"device": "cpu", "ram_total_gb": 16, "ram_available_gb": 0}')
+    hw = detect_hardware()
+    assert (hw.ram_total_gb, hw.ram_available_gb, hw.simulated) == (16, 0, True)

@@ -2,7 +2,8 @@
 
 Llama: the HunyuanVideo prompt template, tokens padded to 256 + 95 and
 truncated, hidden_states[-3] (the last two layers skipped), positions
-[95 : real tokens]. CLIP-L: 77 tokens, pooler_output.
+[95 : real tokens]. CLIP-L: 77 tokens, pooler_output. A prompt longer than
+either takes is cut at the end, with a one-line note on stderr for each.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import torch
 
 from framepack.backends import EncoderBackend
 from framepack.hookspecs import hookimpl
+from framepack.notes import note
 from framepack.offload import module_device
 
 LLAMA_MAX_TOKENS = 256
@@ -31,6 +33,7 @@ class HunyuanTextEncoder:
         from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
 
         crop = DEFAULT_PROMPT_TEMPLATE["crop_start"]  # 95: the template's own tokens
+        self._note_cut(prompt, DEFAULT_PROMPT_TEMPLATE["template"], crop)
         tokens = self.tokenizer(
             [DEFAULT_PROMPT_TEMPLATE["template"].format(prompt)],
             padding="max_length",
@@ -49,6 +52,26 @@ class HunyuanTextEncoder:
         ).input_ids
         pooler = self.clip(clip_ids.to(module_device(self.clip)), output_hidden_states=False).pooler_output
         return llama_vec, pooler
+
+    def _note_cut(self, prompt: str, template: str, crop: int) -> None:
+        """Say what the truncation in encode() drops, counted without truncating
+        (verbose=False: no "longer than the maximum" warning from transformers)."""
+        # Llama: the window holds 256 + crop tokens of the template with the prompt
+        # in it; the template's prefix (with BOS) takes crop of them.
+        prefix = template[: template.index("{}")]
+        before = len(self.tokenizer(prefix, verbose=False).input_ids)
+        length = len(self.tokenizer(prefix + prompt, verbose=False).input_ids) - before
+        _note("Llama", length, LLAMA_MAX_TOKENS + crop - before)
+        # CLIP: 77 with its start and end tokens.
+        specials = self.tokenizer_2.num_special_tokens_to_add()
+        length = len(self.tokenizer_2(prompt, add_special_tokens=False, verbose=False).input_ids)
+        _note("CLIP", length, CLIP_MAX_TOKENS - specials)
+
+
+def _note(encoder: str, length: int, takes: int) -> None:
+    if length > takes:
+        note(f"the prompt is {length} tokens long; the {encoder} encoder takes {takes}, "
+             f"so the last {length - takes} tokens are ignored")
 
 
 def load(source, options, dtype: torch.dtype, quantize: str = "none") -> HunyuanTextEncoder:
