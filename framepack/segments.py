@@ -17,6 +17,21 @@ all were encoded with the same codec parameters. Each segment is a fresh
 encoder run with the same settings, so both hold; ``remux_join`` checks
 them and refuses, naming the segment, rather than writing a file that plays
 garbage after the first segment.
+
+The same frames and settings give the same bytes, in any process on any
+machine, so a resumed job (its segments written by two processes, maybe on
+two machines) gives exactly the file of an uninterrupted one. Three things
+used to vary and are pinned here or by the writers:
+
+- the RGB -> YUV conversion: ``rgb_to_yuv420p`` below, exact integer
+  arithmetic, instead of swscale (whose result depends on its SIMD path
+  and whose chroma is a filter of its own, not the 2x2 mean);
+- the encoder's threads: PyAV asks for slice threads, one slice per CPU,
+  so x264's bitstream followed the core count (the writers fix it);
+- the muxer: Matroska writes a random SegmentUID and both containers the
+  FFmpeg version unless told ``fflags=+bitexact``, which every file here
+  is. The MP4 header's creation time is 0 unless the caller's metadata
+  carries ``creation_time``.
 """
 
 from __future__ import annotations
@@ -37,6 +52,54 @@ from framepack.writing import partial_path
 # sizes are: shifted colours) and some guess full range (crushed or lifted
 # blacks).
 COLOR_TAGS = {"colorspace": "ITU709", "color_range": "MPEG", "color_primaries": "BT709", "color_trc": "BT709"}
+# No run-to-run or version-dependent bytes from the muxer (see the module docstring).
+BITEXACT = {"fflags": "+bitexact"}
+
+# BT.709 luma weights Kr, Kg, Kb in units of 1/10000 (Kr = 0.2126, Kb = 0.0722).
+_KR, _KG, _KB = 2126, 7152, 722
+_K = 10000
+
+
+def _round_div(num: np.ndarray, den: int) -> np.ndarray:
+    """num / den rounded to the nearest integer, halves up, exactly (floor
+    division of integers: no float rounding that could differ anywhere)."""
+    return (2 * num + den) // (2 * den)
+
+
+def rgb_to_yuv420p(frame: np.ndarray) -> np.ndarray:
+    """One RGB frame -> yuv420p, BT.709 limited range: (H, W, 3) uint8 ->
+    (H * 3 // 2, W) uint8 holding the Y plane (H, W), then Cb (H/2, W/2),
+    then Cr, back to back: the layout ``VideoFrame.from_ndarray(...,
+    format="yuv420p")`` takes.
+
+    With R, G, B in 0..255 and E = (Kr R + Kg G + Kb B) / 255:
+
+        Y  =  16 + 219 E
+        Cb = 128 + 224 (B / 255 - E) / (2 (1 - Kb))
+        Cr = 128 + 224 (R / 255 - E) / (2 (1 - Kr))
+
+    Cb and Cr are taken over the mean of each 2x2 block of pixels (chroma
+    sited at the block's centre), and every value is rounded to the nearest
+    integer, halves up. All of it is integer arithmetic on exact fractions,
+    so the result is the same on every machine; it needs no clipping (Y
+    stays in 16..235, Cb and Cr in 16..240).
+    """
+    h, w, _ = frame.shape
+    # (3, H, W) planar int32: every numerator below stays under 2**31.
+    r, g, b = np.moveaxis(frame, -1, 0).astype(np.int32)
+    # Y = 16 + 219 (Kr R + Kg G + Kb B) / (255 K); numerator <= 219 * K * 255.
+    y = 16 + _round_div(219 * (_KR * r + _KG * g + _KB * b), 255 * _K)
+    # (H/2, W/2): sums over 2x2 blocks; the mean's /4 goes into the divisor.
+    sr, sg, sb = (c[0::2, 0::2] + c[0::2, 1::2] + c[1::2, 0::2] + c[1::2, 1::2] for c in (r, g, b))
+    # B/255 - E = ((K - Kb) B - Kr R - Kg G) / (255 K) and 2 (1 - Kb) = 2 (K - Kb) / K,
+    # so Cb = 128 + 224 ((K - Kb) B - Kr R - Kg G) / (255 * 2 (K - Kb)), and over a
+    # block's sums 224 / (4 * 2 * 255) = 28 / 255. Likewise Cr with R and Kr.
+    cb = 128 + _round_div(28 * ((_K - _KB) * sb - _KR * sr - _KG * sg), 255 * (_K - _KB))
+    cr = 128 + _round_div(28 * ((_K - _KR) * sr - _KG * sg - _KB * sb), 255 * (_K - _KR))
+    # PyAV reads the array as one flat buffer (Y, Cb, Cr planes back to back),
+    # so the chroma planes need not split into whole rows of W.
+    planes = np.concatenate([y.ravel(), cb.ravel(), cr.ravel()])
+    return planes.astype(np.uint8).reshape(h * 3 // 2, w)
 
 
 def check_frames(frames: np.ndarray, width: int, height: int) -> None:
@@ -45,12 +108,15 @@ def check_frames(frames: np.ndarray, width: int, height: int) -> None:
 
 
 class VideoSegmentWriter:
-    """One segment of a video: RGB frames -> yuv420p (BT.709, limited range)
-    -> encoder -> container, under a hidden name until ``close``.
+    """One segment of a video: RGB frames -> yuv420p (BT.709, limited range,
+    ``rgb_to_yuv420p``) -> encoder -> container, under a hidden name until
+    ``close``.
 
     Every segment is a complete encoder run, so it starts with a keyframe and
     plays on its own. ``codec_options`` must not vary between the segments of
-    one job (``remux_join`` checks that the codec parameters match).
+    one job (``remux_join`` checks that the codec parameters match), and must
+    make the encoder's output independent of the machine (a fixed thread
+    count; see the writers) for a resumed job to match an uninterrupted one.
     """
 
     def __init__(
@@ -73,15 +139,8 @@ class VideoSegmentWriter:
         self.frames_written = 0
         self._av = av
         self._time_base = Fraction(1, fps)
-        # The conversion must use the coefficients the tags announce
-        # (swscale's default is BT.601).
-        self._convert = dict(
-            format="yuv420p",
-            dst_colorspace=Colorspace[COLOR_TAGS["colorspace"]],
-            dst_color_range=ColorRange[COLOR_TAGS["color_range"]],
-        )
         self._tmp = partial_path(self.path)
-        self._container = av.open(str(self._tmp), mode="w", format=container_format)
+        self._container = av.open(str(self._tmp), mode="w", format=container_format, container_options=BITEXACT)
         try:
             stream = self._container.add_stream(codec, rate=Fraction(fps, 1), options=dict(codec_options))
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
@@ -99,8 +158,8 @@ class VideoSegmentWriter:
         # frames: (T, H, W, 3) uint8, playback order
         check_frames(frames, self.width, self.height)
         for frame in frames:
-            rgb = self._av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
-            yuv = rgb.reformat(**self._convert)
+            # The conversion uses the coefficients the tags announce.
+            yuv = self._av.VideoFrame.from_ndarray(rgb_to_yuv420p(frame), format="yuv420p")
             yuv.pts, yuv.time_base = self.frames_written, self._time_base
             for packet in self._stream.encode(yuv):
                 self._container.mux(packet)
@@ -187,7 +246,8 @@ def remux_join(
 
     tmp = partial_path(out)
     try:
-        with av.open(str(tmp), mode="w", format=container_format, options=dict(mux_options or {})) as dst:
+        with av.open(str(tmp), mode="w", format=container_format, options=dict(mux_options or {}),
+                     container_options=BITEXACT) as dst:
             for key, value in metadata.items():
                 dst.metadata[key] = value  # before the first packet: the header carries them
             out_stream = None

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib
 import json
+import struct
+from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
@@ -144,6 +146,46 @@ def test_mp4_segments_share_codec_parameters(tmp_path):
         with av.open(str(write_segment(backend, tmp_path / f"{i}.mp4", frames))) as container:
             headers.add(bytes(container.streams.video[0].codec_context.extradata))
     assert len(headers) == 1
+
+
+def mp4_header_times(path: Path) -> dict[str, tuple[int, int]]:
+    """(creation, modification) of an MP4's movie, track and media headers,
+    in seconds since 1904 (0: none), read from its box tree."""
+    data = path.read_bytes()
+    found = {}
+
+    def walk(start: int, end: int) -> None:
+        while start < end:
+            size, kind = struct.unpack_from(">I4s", data, start)
+            body = start + 8
+            if size == 1:  # a 64-bit size follows the type
+                (size,) = struct.unpack_from(">Q", data, body)
+                body += 8
+            stop = start + size if size else end
+            if kind in (b"moov", b"trak", b"mdia"):
+                walk(body, stop)
+            elif kind in (b"mvhd", b"tkhd", b"mdhd"):  # version, 3 flag bytes, then the times
+                found[kind.decode()] = struct.unpack_from(">QQ" if data[body] == 1 else ">II", data, body + 4)
+            start = stop
+
+    walk(0, len(data))
+    return found
+
+
+def test_mp4_holds_no_clock_time_but_the_callers(tmp_path):
+    # The same frames must give the same bytes, so no header may hold the
+    # time of writing; the join's creation time is the one the job passes.
+    backend = backends()["mp4"]
+    segment = write_segment(backend, tmp_path / "0000.mp4", clip(3, 0))
+    bare, dated = tmp_path / "bare.mp4", tmp_path / "dated.mp4"
+    backend.join([segment], bare, backend.options(), {})
+    backend.join([segment], dated, backend.options(), {"creation_time": "2024-05-06T07:08:09Z"})
+    for path in (segment, bare):
+        assert mp4_header_times(path) == {"mvhd": (0, 0), "tkhd": (0, 0), "mdhd": (0, 0)}
+    utc = timezone.utc
+    since_1904 = int((datetime(2024, 5, 6, 7, 8, 9, tzinfo=utc) - datetime(1904, 1, 1, tzinfo=utc)).total_seconds())
+    stamp = (since_1904, since_1904)
+    assert mp4_header_times(dated) == {"mvhd": stamp, "tkhd": stamp, "mdhd": stamp}
 
 
 def test_aborted_segment_leaves_nothing(tmp_path):
