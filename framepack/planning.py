@@ -3,9 +3,14 @@ refuse jobs the machine clearly cannot run (exit 2 with the numbers and the
 profiles that would fit) instead of dying half-way or swapping for hours.
 
 The estimates are deliberately simple: weights from parameter counts and
-the weight format, activations from the packed sequence length, and the VAE
-decode from its tile size. They are checked against measurements in
-benchmarks/ where a GPU was available; treat them as +-30 %.
+the weight format, activations from the packed sequence length. The VAE
+decode is the exception: it follows the decoder layer by layer from its
+config (framepack.vae_memory), because an untiled decode grows with the 4th
+power of the size and at 2048x2048 needs hundreds of GB. Where tiling lowers
+the job's peak the plan tiles the decode (``Plan.vae_tiling``). The weights
+and the VAE decode are checked against measurements on the CPU (benchmarks/,
+docs/memory.md); the activations only where a GPU was available; treat the
+whole as +-30 %.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from framepack.config import Profile
 from framepack.errors import UserError
 from framepack.hardware import HardwareInfo
 from framepack.quantize import quantized_parameter_names
+from framepack.vae_memory import VaeGeometry, decode_peak_bytes
 
 GIB = 1024**3
 
@@ -50,10 +56,15 @@ class Plan:
     vram_gb: float  # peak on the accelerator (0 on CPU)
     ram_gb: float  # peak system RAM
     notes: tuple[str, ...]
+    # Decode in spatial tiles: what the engine must pass to the VAE's set_tiling. True
+    # when the profile asks for it or when an untiled decode would raise the peak.
+    vae_tiling: bool = False
+    vae_decode_gb: float = 0.0  # the largest section decode, above the VAE's weights
 
     def summary(self) -> str:
         vram = f"{self.vram_gb:.1f} GB VRAM, " if self.vram_gb else ""
-        return f"about {vram}{self.ram_gb:.1f} GB RAM with offload {self.offload}"
+        tiled = ", VAE decode tiled" if self.vae_tiling else ""
+        return f"about {vram}{self.ram_gb:.1f} GB RAM with offload {self.offload}{tiled}"
 
 
 def count_params(source) -> dict[str, int]:
@@ -97,6 +108,13 @@ def count_params(source) -> dict[str, int]:
     return counts
 
 
+def vae_geometry(source) -> VaeGeometry:
+    """The VAE's shape from the local vae/config.json, else the original's."""
+    if source.root is None:
+        return VaeGeometry()
+    return VaeGeometry.from_config(json.loads((Path(source.root) / "vae/config.json").read_text()))
+
+
 def packed_tokens(height: int, width: int, latent_window_size: int = 9) -> int:
     """Image tokens of one forward: lws noisy frames + 2 clean + 2x + 4x context."""
     h, w = height // 8, width // 8
@@ -115,7 +133,11 @@ def _weight_bytes(params: int, dtype: str, fmt: str = "none", quantized: int | N
 
 
 def estimate(profile: Profile, offload: str, params: dict[str, int], height: int, width: int,
-             frames: int, latent_window_size: int = 9, inverted: bool = True, device: str = "cuda") -> Plan:
+             frames: int, latent_window_size: int = 9, inverted: bool = True, device: str = "cuda",
+             vae: VaeGeometry | None = None, vae_tiling: bool | None = None) -> Plan:
+    """The plan for one job. ``vae`` defaults to the original VAE's shape;
+    ``vae_tiling`` None tiles the decode when the profile asks for it or where that
+    lowers the peak, True or False forces it."""
     q, dt = profile.quantize, profile.dtype
     tq, lq = q["transformer"], q["text_encoder"]
     weights = {
@@ -130,40 +152,68 @@ def estimate(profile: Profile, offload: str, params: dict[str, int], height: int
     act_bytes = DTYPE_BYTES[dt["transformer"]]
     # Widest point of a single-stream block: q/k/v, MLP (4x), concat and output.
     activations = 24 * INNER_DIM * tokens * act_bytes
-    # VAE decode of 2*lws+1 latent frames: 128-channel features at full size,
-    # about 6 live copies, per temporal tile of 16 frames; tiling caps space at 256 px.
-    pixels = min(height * width, 256 * 256 if profile.vae_tiling else height * width)
-    vae_decode = 17 * pixels * 128 * DTYPE_BYTES[dt["vae"]] * 6
     overhead = 0.6 * GIB  # CUDA context, allocator slack
     text_stage = weights["llama"] + weights["clip"]
     streamed = offload in ("dynamic_swap", "sequential", "stream_prefetch")
-    if offload == "resident":
-        vram = sum(weights.values()) - weights["block"] + max(activations, vae_decode)
-    elif streamed:
-        live_blocks = 3 if offload == "stream_prefetch" else 1
-        transformer_stage = live_blocks * weights["block"] + activations
-        vram = max(transformer_stage, weights["vae"] + vae_decode, weights["siglip"], weights["clip"] + live_blocks * weights["block"])
-    else:  # model_swap
-        vram = max(weights["transformer"] + activations, weights["vae"] + vae_decode, text_stage, weights["siglip"])
-    vram += overhead
-    # RAM: each stage's models are loaded when it comes and the encoders are released
-    # before the transformer loads (framepack.generate), so the peak is the largest
-    # stage: text encoders; image encoder + VAE; transformer + VAE.
-    if offload == "resident" and device != "cpu":
-        on_cpu = max(weights["transformer"], text_stage)  # the largest load in flight
-    else:
-        on_cpu = max(text_stage, weights["siglip"] + weights["vae"], weights["transformer"] + weights["vae"])
-    if offload == "stream_prefetch":
-        on_cpu += weights["transformer"] * 0.1  # pinned staging
     # Pixels: one section's decode (2*lws+1 latent frames -> 8*lws+1 frames) in float32
     # plus the float cross-fade edge. Finished frames go to disk section by section
     # (framepack.outputs), so neither the length nor the variant changes this.
     frame_bytes = height * width * 3 * 4
     video = (8 * latent_window_size + 1 + 33) * frame_bytes
-    ram = on_cpu + video + 2.5 * GIB  # python, torch, libraries
-    notes = (f"{tokens} tokens per forward", f"transformer weights {weights['transformer'] / GIB:.1f} GB",
-             f"{frames} frames written to disk section by section ({'end first' if inverted else 'in order'})")
-    return Plan(offload, vram / GIB if device != "cpu" else 0.0, ram / GIB, notes)
+
+    def peaks(vae_decode: float) -> tuple[float, float]:
+        """(VRAM, RAM) in bytes with this VAE decode."""
+        if offload == "resident":
+            vram = sum(weights.values()) - weights["block"] + max(activations, vae_decode)
+        elif streamed:
+            live_blocks = 3 if offload == "stream_prefetch" else 1
+            transformer_stage = live_blocks * weights["block"] + activations
+            vram = max(transformer_stage, weights["vae"] + vae_decode, weights["siglip"],
+                       weights["clip"] + live_blocks * weights["block"])
+        else:  # model_swap
+            vram = max(weights["transformer"] + activations, weights["vae"] + vae_decode, text_stage,
+                       weights["siglip"])
+        vram += overhead
+        # RAM: each stage's models are loaded when it comes and the encoders are released
+        # before the transformer loads (framepack.generate), so the peak is the largest
+        # stage: text encoders; image encoder + VAE; transformer + VAE. On the CPU the
+        # VAE decodes in RAM while the transformer is still loaded.
+        if offload == "resident" and device != "cpu":
+            on_cpu = max(weights["transformer"], text_stage)  # the largest load in flight
+        else:
+            decode_ram = vae_decode if device == "cpu" else 0.0
+            on_cpu = max(text_stage, weights["siglip"] + weights["vae"],
+                         weights["transformer"] + weights["vae"] + decode_ram)
+        if offload == "stream_prefetch":
+            on_cpu += weights["transformer"] * 0.1  # pinned staging
+        ram = on_cpu + video + 2.5 * GIB  # python, torch, libraries
+        return (vram if device != "cpu" else 0.0), ram
+
+    # The largest decode is a later section's 2*lws+1 latent frames (framepack.section_loop).
+    vae = vae or VaeGeometry()
+    decoded = 2 * latent_window_size + 1
+
+    def decode(tiled: bool) -> float:
+        return decode_peak_bytes(vae, decoded, height, width, DTYPE_BYTES[dt["vae"]], tiled, device)
+
+    untiled, tiled = decode(False), decode(True)
+    auto = vae_tiling is None and not profile.vae_tiling
+    if auto:
+        # Tiling costs a little seam blending (64 px cross-faded) and about 1.8x the
+        # decode's compute; an untiled decode that sets the job's peak costs memory the
+        # rest of the job does not need (15 GB at 640x608 in fp16, hundreds at 2048).
+        tiling = any(t < u for t, u in zip(peaks(tiled), peaks(untiled)))
+    else:
+        tiling = bool(profile.vae_tiling if vae_tiling is None else vae_tiling)
+    vae_decode = tiled if tiling else untiled
+    vram, ram = peaks(vae_decode)
+    notes = [f"{tokens} tokens per forward", f"transformer weights {weights['transformer'] / GIB:.1f} GB",
+             f"{frames} frames written to disk section by section ({'end first' if inverted else 'in order'})",
+             f"VAE decode of {decoded} latent frames: {vae_decode / GIB:.1f} GB"]
+    if auto and tiling:
+        notes.append(f"VAE decode tiled ({vae.tile_sample_min_width} px tiles): untiled it would need "
+                     f"{untiled / GIB:.1f} GB and set this job's peak")
+    return Plan(offload, vram / GIB, ram / GIB, tuple(notes), tiling, vae_decode / GIB)
 
 
 def plan_job(engine, source, height: int, width: int, frames: int, lws: int, inverted: bool) -> Plan:
@@ -171,15 +221,17 @@ def plan_job(engine, source, height: int, width: int, frames: int, lws: int, inv
     shipped and user profiles for the same device are the alternatives."""
     hw = engine.hardware
     params = count_params(source)
+    vae = vae_geometry(source)
 
     def plan_for(profile: Profile) -> Plan | None:
         for name in profile.offload:
             entry = engine.registry.get("offload", name)
             if entry is not None and entry.backend.unavailable_reason(hw) is None:
-                return estimate(profile, name, params, height, width, frames, lws, inverted, hw.device)
+                return estimate(profile, name, params, height, width, frames, lws, inverted, hw.device, vae)
         return None
 
-    plan = estimate(engine.profile, engine.choices["offload"].name, params, height, width, frames, lws, inverted, hw.device)
+    plan = estimate(engine.profile, engine.choices["offload"].name, params, height, width, frames, lws, inverted,
+                    hw.device, vae)
     alternatives = []
     for name, profile in sorted(engine.profiles.profiles.items()):
         devices = profile.match.get("device", [])

@@ -7,6 +7,7 @@ import torch
 from framepack.backends import EncoderBackend
 from framepack.hookspecs import hookimpl
 from framepack.offload import module_device
+from framepack.vae_memory import VaeGeometry
 
 
 class HunyuanVae:
@@ -16,8 +17,14 @@ class HunyuanVae:
         self.scaling_factor = float(vae.config.scaling_factor)  # 0.476986
 
     def set_tiling(self, enabled: bool) -> None:
-        # Tiling trades a little seam blending for much less VRAM when decoding.
-        self.vae.enable_tiling() if enabled else self.vae.disable_tiling()
+        """Decode in overlapping spatial tiles (or not). Tiling trades a little seam
+        blending for far less memory; the plan says when (``Plan.vae_tiling``: where an
+        untiled decode would set the job's peak). The tile sizes are passed, not left
+        to diffusers' defaults, so that they are the ones the plan assumed (VaeGeometry)."""
+        if enabled:
+            self.vae.enable_tiling(**VaeGeometry().tiling_kwargs())
+        else:
+            self.vae.disable_tiling()
 
     def _dtype(self) -> torch.dtype:
         return next(self.vae.parameters()).dtype
