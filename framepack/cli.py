@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import logging
+import signal
 import sys
 import time
 import traceback
@@ -55,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--preview-every", type=int, default=1, metavar="N", help="update the preview every N steps")
     g.add_argument("--job-dir", type=Path,
                    help="where finished sections and the checkpoint go while it runs (default OUTPUT.job)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace existing outputs (default: an existing output gets a new name, -1, -2, ...)")
     g.add_argument("--no-prompt-cache", action="store_true",
                    help="encode the prompt even if its embedding is cached on disk (and do not cache it)")
     _add_profile_args(g)
@@ -72,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true", help="no progress on stderr")
     r.add_argument("--preview", type=Path, metavar="PNG", help="as for generate")
     r.add_argument("--preview-every", type=int, default=1, metavar="N", help="as for generate")
+    r.add_argument("--overwrite", action="store_true", help="as for generate")
+    r.add_argument("--recompute-from", type=int, default=None, metavar="K",
+                   help="compute sections K and later again (when resume says a section is lost)")
 
     i = sub.add_parser("info", help="print the job recorded in a framepack video, sidecar, png folder or latents file")
     i.add_argument("path", type=Path)
@@ -150,6 +158,13 @@ def cmd_generate(args) -> int:
     return _run_job(args, settings, args.profile, args.overrides, args.config_files, args.job_dir, resume=False)
 
 
+def _job_table(job: dict, key: str, kind: type, default):
+    value = job.get(key, default)
+    if not isinstance(value, kind):
+        raise UserError(f"job record: '{key}' must be a {kind.__name__}, not {type(value).__name__}")
+    return value
+
+
 def cmd_resume(args) -> int:
     from framepack.job import JobSettings
     from framepack.jobdir import JobDir
@@ -158,10 +173,13 @@ def cmd_resume(args) -> int:
     jobdir = JobDir(args.job_dir)
     job = jobdir.read_job()
     settings = JobSettings(**settings_from_metadata(job)).validate()
-    extra = job.get("extra", {})
-    return _run_job(args, settings, job["profile"], extra.get("overrides", []),
-                    [Path(p) for p in extra.get("config_files", [])],
-                    jobdir.path, resume=True)
+    extra = _job_table(job, "extra", dict, {})
+    overrides = _job_table(extra, "overrides", list, [])
+    config_files = _job_table(extra, "config_files", list, [])
+    if not all(isinstance(x, str) for x in overrides + config_files):
+        raise UserError(f"{jobdir.path}/job.json is damaged: overrides and config files must be strings")
+    return _run_job(args, settings, _job_table(job, "profile", str, None), overrides,
+                    [Path(p) for p in config_files], jobdir.path, resume=True)
 
 
 def _run_job(args, settings, profile, overrides, config_files, job_dir, resume: bool) -> int:
@@ -188,7 +206,8 @@ def _run_job(args, settings, profile, overrides, config_files, job_dir, resume: 
             _eprint("  " + choice.explain())
     jobdir = JobDir(job_dir) if job_dir is not None else None
     result = generate(settings, engine, image, jobdir=jobdir, resume=resume, overrides=overrides,
-                      config_files=config_files)
+                      config_files=config_files, overwrite=args.overwrite, preview=args.preview,
+                      recompute_from=getattr(args, "recompute_from", None))
     if args.json:
         summary = {
             "outputs": [str(p) for p in result.outputs],
@@ -365,11 +384,45 @@ def quiet_library_logs() -> None:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a service stopping, `kill`): handled exactly like Ctrl-C."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    def handler(signum, frame):
+        raise _Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals to whoever owns it
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _os_error_message(exc: OSError) -> tuple[str, int]:
+    """A failure of the machine or the file system the user can act on, or None for a bug."""
+    where = f" {exc.filename}" if exc.filename else ""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        from framepack.jobdir import free_bytes
+
+        free = free_bytes(Path(exc.filename)) / 1e6 if exc.filename else float("nan")
+        return f"the disk is full (writing{where}; {free:.0f} MB free); free some space and try again", 1
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"cannot write{where}: {exc.strerror}; pick a folder you can write to", 2
+    return "", 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_library_logs()
     try:
-        return COMMANDS[args.command](args)
+        with sigterm_as_interrupt():
+            return COMMANDS[args.command](args)
     except FramepackError as exc:
         from framepack.generate import Interrupted
 
@@ -382,6 +435,14 @@ def main(argv: list[str] | None = None) -> int:
         # The reader went away (e.g. `framepack profiles | head`); nothing to report.
         sys.stderr.close()
         return 0
+    except OSError as exc:
+        message, code = _os_error_message(exc)
+        if not code:
+            _eprint(traceback.format_exc().rstrip())
+            _eprint("framepack: internal error (a bug; please report it with the traceback above)")
+            return 1
+        _eprint(f"framepack: error: {message}")
+        return code
     except Exception:
         _eprint(traceback.format_exc().rstrip())
         _eprint("framepack: internal error (a bug; please report it with the traceback above)")

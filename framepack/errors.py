@@ -25,3 +25,8 @@ class ConfigError(UserError):
 
 class PluginError(FramepackError):
     """A plugin that cannot be loaded, or a backend that is missing."""
+
+
+class DiskFull(FramepackError):
+    """The disk filled up, or would (exit 1): the message says how much space is needed
+    and what was kept."""

@@ -19,6 +19,7 @@ any vocabulary), and the SigLIP processor is the real one's 384 px.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pathlib
@@ -28,6 +29,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from framepack.errors import DiskFull
 from framepack.tiny_model import _build_clip_tokenizer, _build_llama_tokenizer, _no_progress_bars, _refuse_occupied
 
 PARTS = ("transformer", "text_encoder", "text_encoder_2", "image_encoder", "vae")
@@ -116,6 +118,11 @@ def make_full_size_model(
     dest = pathlib.Path(dest)
     _refuse_occupied(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    needed = sum(part_bytes(part) for part in parts)
+    free = shutil.disk_usage(dest.parent).free
+    if free < needed:
+        raise DiskFull(f"not enough disk space in {dest.parent}: the model needs {needed / 1e9:.1f} GB, "
+                       f"{free / 1e9:.1f} GB are free")
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     say = progress or (lambda _msg: None)
     try:
@@ -131,10 +138,23 @@ def make_full_size_model(
                 say(f"{part}: {written / 2**30:.1f} GB")
         os.chmod(tmp, 0o755)
         os.replace(tmp, dest)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise DiskFull(f"the disk filled up writing the model to {dest.parent}: it needs {needed / 1e9:.1f} GB "
+                       f"in all; nothing was left behind") from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dest
+
+
+def part_bytes(part: str) -> int:
+    """Bytes of one part's weights in its storage dtype, counted on the meta device."""
+    model, _, _ = _meta_part(part)
+    size = torch.empty((), dtype=STORAGE_DTYPE[part]).element_size()
+    return sum(p.numel() for p in model.parameters()) * size
 
 
 def _write_tokenizers(root: pathlib.Path) -> None:

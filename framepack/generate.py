@@ -7,8 +7,11 @@ draws its noise in order, so a seed gives the same latents on every run.
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import gc
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,22 +23,23 @@ from framepack.assemble import Engine
 from framepack.attention import build_attention
 from framepack.buckets import nearest_bucket, resize_and_center_crop
 from framepack.config import torch_dtype
-from framepack.errors import FramepackError, UserError
+from framepack.errors import DiskFull, FramepackError, UserError
 from framepack.heap import release_free_heap
 from framepack.events import JobEnd, JobStart
-from framepack.metadata import build_metadata, container_tags, model_info, sidecar_path, write_sidecar
+from framepack.metadata import build_metadata, container_tags, model_info, write_sidecar
 from framepack.hardware import device_present
 from framepack.inputs import load_image
 from framepack.job import JobSettings
-from framepack.jobdir import JobDir
+from framepack.jobdir import Checkpoint, JobDir, file_digest, free_bytes
 from framepack.models import ModelSource
-from framepack.outputs import SegmentOutputs
+from framepack.notes import note
+from framepack.outputs import OutputNames, SegmentOutputs, is_frame_folder, name_outputs
 from framepack.planning import plan_job
 from framepack.prompt_cache import PromptCache, encoder_fingerprint
-from framepack.section_loop import run_sections
+from framepack.section_loop import LoopInputs, LoopShape, LoopState, replay, run_sections
 from framepack.sections import FPS, section_count, total_pixel_frames
 from framepack.transformer import load_transformer
-from framepack.writing import check_output_path
+from framepack.writing import check_output_path, refuse_overlap
 
 TEXT_TOKENS = 512  # text embeddings are cropped or zero-padded to this, with a mask
 
@@ -89,7 +93,7 @@ def preflight(settings: JobSettings) -> np.ndarray:
     is the only line the user sees."""
     settings.validate()
     image = load_image(settings.image)
-    check_output_path(settings.output)
+    check_output_path(settings.output, folder_ok=True)
     if settings.latents_out is not None:
         check_output_path(settings.latents_out)
     ModelSource.from_arg(settings.model, settings.variant)
@@ -97,22 +101,23 @@ def preflight(settings: JobSettings) -> np.ndarray:
 
 
 class Interrupted(FramepackError):
-    """Ctrl-C during a job: the checkpoint and a partial video are on disk."""
+    """Ctrl-C or SIGTERM during a job: the checkpoint and a partial video are on disk."""
 
 
-def _job_record(settings, engine, source, parts, sections, height, width, overrides, config_files) -> dict:
+def _job_record(settings, engine, source, parts, sections, height, width, overrides, config_files,
+                writers) -> dict:
     """Everything needed to re-run or continue the job (framepack.metadata)."""
     return build_metadata(
-        settings, engine.profile.name, engine_backends(engine), model_info(source, parts),
+        settings, engine.profile.name, engine_backends(engine, writers), model_info(source, parts),
         extra={"fps": FPS, "width": width, "height": height, "sections": sections,
                "frames": total_pixel_frames(sections, settings.latent_window_size),
-               "overrides": list(overrides), "config_files": [str(p) for p in config_files]},
+               "overrides": list(overrides), "config_files": [str(Path(p).absolute()) for p in config_files]},
     )
 
 
-def engine_backends(engine: Engine) -> dict[str, str]:
+def engine_backends(engine: Engine, writers=None) -> dict[str, str]:
     names = {family: choice.name for family, choice in engine.choices.items()}
-    names["writers"] = ",".join(c.name for c in engine.writers)
+    names["writers"] = ",".join(c.name for c in (engine.writers if writers is None else writers))
     names["dtype"] = json.dumps(engine.profile.dtype, sort_keys=True)
     names["quantize"] = json.dumps(engine.profile.quantize, sort_keys=True)
     return names
@@ -133,49 +138,213 @@ def check_resumable(recorded: dict, current: dict) -> None:
                         + "); run it where it started, or start over")
 
 
+def disk_estimate(settings: JobSettings, names: OutputNames, sections: int, height: int, width: int) -> int:
+    """Bytes a job writes at its peak: section latents and the checkpoint, each
+    writer's segments, and the joined outputs beside them (video joins copy;
+    png joins hard-link). Typical sizes, not bounds: the ENOSPC handler stays."""
+    lws = settings.latent_window_size
+    h, w = height // 8, width // 8
+    frames = total_pixel_frames(sections, lws)
+    latents = (sections * lws + 1) * 16 * h * w * 4
+    checkpoint = (2 * lws + 1 + 19) * 16 * h * w * 4 + 33 * 3 * height * width * 4
+    per_frame = {"png": 1.5 * height * width * 3, "webm": 0.05 * height * width, "mp4": 0.1 * height * width}
+    total = latents * (2 if settings.latents_out else 1) + checkpoint
+    for choice in names.writers:
+        if choice.backend.accepts == "latents":
+            total += latents
+        else:
+            size = per_frame.get(choice.name, height * width * 3) * frames
+            total += size if choice.name == "png" else 2 * size
+    return int(total)
+
+
+def _check_disk(settings, names, sections, height, width, folders) -> int:
+    needed = disk_estimate(settings, names, sections, height, width)
+    for folder in folders:
+        free = free_bytes(folder)
+        if free < needed:
+            raise DiskFull(f"not enough disk space in {folder}: this job writes about {needed / 1e6:.0f} MB "
+                           f"and {free / 1e6:.0f} MB are free; free some space or write elsewhere")
+    return needed
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    """What resume does, decided before anything is computed."""
+
+    checkpoint: Checkpoint | None  # None: rebuilt from the section latents
+    start: int  # first section to compute
+    rewrite: frozenset[int] = frozenset()  # segments to write again from the latents
+    stale: tuple[str, ...] = ()  # files the checkpoint does not list: discarded
+
+    @property
+    def replays(self) -> bool:
+        return self.checkpoint is None or bool(self.rewrite) or self.start < self.checkpoint.next_section
+
+
+def plan_resume(jobdir: JobDir, outputs: SegmentOutputs, sections: int, recompute_from: int | None) -> ResumePlan:
+    """Check every file the rest of the job needs, before computing anything.
+
+    A segment the checkpoint does not list is discarded and written again; a
+    damaged or missing segment is rebuilt from its section's latents (decoded
+    again); damaged latents stop the resume with the section that is lost and
+    the command that recomputes from there."""
+    how = f"framepack resume {jobdir.path} --recompute-from"
+    try:
+        ck = jobdir.read_checkpoint()
+    except UserError as exc:
+        if recompute_from is None or not jobdir.checkpoint_path.exists():
+            intact = _intact_prefix(jobdir, sections)
+            hint = f"; sections 0-{intact - 1} have intact latents: continue with `{how} {intact}`" if intact else ""
+            raise UserError(f"{exc}{hint}") from None
+        intact = _intact_prefix(jobdir, sections)
+        if recompute_from > intact:
+            raise UserError(f"--recompute-from {recompute_from}: only sections 0-{intact - 1} have intact latents; "
+                            f"use --recompute-from {intact} or lower") from None
+        stale = [f for f in jobdir.unlisted(set())
+                 if not _section_of(f) < recompute_from or f.startswith("segments/")]
+        return ResumePlan(None, recompute_from, frozenset(range(recompute_from)), tuple(stale))
+    if not 0 <= ck.next_section <= sections or any(not 0 <= s <= sections for s in ck.segments):
+        raise UserError(f"checkpoint {jobdir.checkpoint_path} is damaged: section {ck.next_section} of {sections}")
+
+    def state_of(rel: str) -> str | None:
+        path = jobdir.path / rel
+        if not path.exists():
+            return "missing"
+        return None if file_digest(path) == ck.files.get(rel) else "damaged"
+
+    bad_latents = {}
+    for index in range(ck.next_section):
+        rel = jobdir.relative(jobdir.section_latents_path(index))
+        problem = "not listed in the checkpoint" if rel not in ck.files else state_of(rel)
+        if problem:
+            bad_latents[index] = f"{rel} is {problem}"
+    bad_segments = {seg for seg in ck.segments for rel in outputs.segment_files([seg])
+                    if rel not in ck.files or state_of(rel)}
+    start = ck.next_section if recompute_from is None else recompute_from
+    if not 0 <= start <= ck.next_section:
+        raise UserError(f"--recompute-from {start}: must be between 0 and {ck.next_section} "
+                        f"(the sections this job has finished)")
+    if bad_latents and min(bad_latents) < start:
+        first = min(bad_latents)
+        raise UserError(f"section {first} is lost ({bad_latents[first]}); sections before it are intact: "
+                        f"continue with `{how} {first}` to compute it and the rest again")
+    listed = set(ck.files) if recompute_from is None else {
+        rel for rel in ck.files if _section_of(rel) < start and not rel.startswith("segments/")}
+    if recompute_from is not None:
+        bad_segments |= set(range(start))  # rebuilt with the timeline; cheap next to sampling
+    stale = jobdir.unlisted(listed)
+    return ResumePlan(ck, start, frozenset(s for s in bad_segments if s < start), tuple(stale))
+
+
+def _section_of(rel: str) -> int:
+    stem = Path(rel).name.split(".")[0]
+    return int(stem) if stem.isdigit() else 1 << 30
+
+
+def _intact_prefix(jobdir: JobDir, sections: int) -> int:
+    """How many sections from the first have latents that pass their own digest."""
+    for index in range(sections):
+        try:
+            jobdir.load_section_latents(index)
+        except UserError:
+            return index
+    return sections
+
+
 @torch.inference_mode()
 def generate(settings: JobSettings, engine: Engine, image: np.ndarray | None = None, *,
              jobdir: JobDir | None = None, resume: bool = False,
-             overrides: list[str] = (), config_files: list = ()) -> GenerationResult:
+             overrides: list[str] = (), config_files: list = (), overwrite: bool = False,
+             preview: Path | None = None, recompute_from: int | None = None) -> GenerationResult:
     """Run a job, or continue one (``resume``) from its job folder.
 
     ``image`` is the result of ``preflight(settings)`` when the caller already
     ran it. A crash loses at most the section in flight: every finished
     section is in the job folder (``OUTPUT.job/`` unless given), which
-    ``framepack resume`` continues. The folder is removed when the outputs
-    are complete."""
+    ``framepack resume`` continues. The folder is claimed (marked and
+    locked) before anything loads and removed when the outputs are complete.
+    ``preview`` is only checked here (the caller writes it)."""
     started = time.perf_counter()
     if image is None:
         image = preflight(settings)
     height, width = target_size(settings, image)
-    output = Path(settings.output).expanduser()
     source = ModelSource.from_arg(settings.model, settings.variant)
     ch = engine.choices
     parts = ("transformer",) + ch["text_encoder"].backend.parts + ch["image_encoder"].backend.parts + ch["vae"].backend.parts
     source.check_parts(parts)
     lws = settings.latent_window_size
     sections = section_count(settings.seconds, lws)
+    asked = name_outputs(engine, Path(settings.output), overwrite=True)  # the names as given
+    names = name_outputs(engine, Path(settings.output), overwrite)  # the same, or the next free ones
+    jobdir = jobdir or JobDir.for_output(names.main)
+    for each in (asked, names):
+        refuse_overlap(
+            {"--output": each.main, **{f"the {c.name} output": each.path(c) for c in each.writers},
+             **{"the partial video": p for p in each.partial_paths()}, "the job record": each.sidecar,
+             "--latents-out": settings.latents_out, "--preview": preview},
+            {"the image": settings.image},
+            {"the model folder": source.root, "the job folder": jobdir.path},
+        )
+    refuse_overlap({"--job-dir": jobdir.path}, {"the image": settings.image}, {"the model folder": source.root})
+    if settings.latents_out is not None and Path(settings.latents_out).exists() and not overwrite:
+        raise UserError(f"--latents-out {settings.latents_out} exists; pass --overwrite to replace it")
     plan = plan_job(engine, source, height, width, total_pixel_frames(sections, lws), lws, settings.variant == "original")
     device = execution_device(engine)
     dtype = {part: torch_dtype(name) for part, name in engine.profile.dtype.items()}
+    settings = dataclasses.replace(settings, output=names.main)
+    record = _job_record(settings, engine, source, parts, sections, height, width, overrides, config_files,
+                         names.writers)
+    outputs = SegmentOutputs(names, jobdir, width, height, settings.variant == "original")
 
-    jobdir = jobdir or JobDir.for_output(output)
-    record = _job_record(settings, engine, source, parts, sections, height, width, overrides, config_files)
-    checkpoint = None
     if resume:
-        recorded = jobdir.read_job()
-        check_resumable(recorded, record)
-        checkpoint = jobdir.read_checkpoint()
-        record = recorded  # the outputs describe the job as it started
-    elif jobdir.checkpoint_path.exists():
-        jobdir.create(record)  # refuses: an unfinished job is there (checked before loading anything)
+        jobdir.claim_existing()
+    else:
+        jobdir.claim_new()
+    status, error, written = "failed", None, []
+    try:
+        if resume:
+            recorded = jobdir.read_job()
+            check_resumable(recorded, record)
+            resuming = plan_resume(jobdir, outputs, sections, recompute_from)
+            record = recorded  # the outputs describe the job as it started
+        else:
+            jobdir.write_job(record)
+        needed = _check_disk(settings, names, sections, height, width, [jobdir.path, names.main.parent])
+        if names.renamed_from is not None:
+            note(f"{names.renamed_from} exists; writing {names.main} instead (--overwrite replaces it)")
+        result = _run(settings, engine, image, source, plan, device, dtype, height, width, sections, outputs,
+                      jobdir, record, resuming if resume else None, needed, started)
+        written = result.outputs
+        status = "done"
+        return result
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise Interrupted(_interrupted_message(jobdir, outputs, container_tags(record))) from None
+    except OSError as exc:
+        error = f"{type(exc).__name__}: {exc}"
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise DiskFull(_disk_full_message(exc, jobdir, names)) from exc
+    except BaseException as exc:
+        error = f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        if status != "done" and not jobdir.checkpoint_path.exists() and not resume:
+            jobdir.remove()  # nothing finished: nothing to resume
+        jobdir.unlock()
+        engine.hook.framepack_on_job_end(event=JobEnd(status=status, outputs=tuple(str(p) for p in written),
+                                                      elapsed_s=time.perf_counter() - started, error=error))
 
-    hook = engine.hook
-    hook.framepack_on_job_start(
+
+def _run(settings, engine, image, source, plan, device, dtype, height, width, sections, outputs, jobdir, record,
+         resuming: ResumePlan | None, disk_needed: int, started: float) -> GenerationResult:
+    ch, lws = engine.choices, settings.latent_window_size
+    engine.hook.framepack_on_job_start(
         event=JobStart(
             settings=settings,
             profile=engine.profile.name,
-            backends=engine_backends(engine),
+            backends=engine_backends(engine, outputs.names.writers),
             sections=sections,
             frames=total_pixel_frames(sections, lws),
             width=width,
@@ -183,6 +352,8 @@ def generate(settings: JobSettings, engine: Engine, image: np.ndarray | None = N
             plan=plan.summary(),
         )
     )
+    if resuming is not None and resuming.stale:
+        jobdir.discard(resuming.stale)  # written after the checkpoint by a job that was killed
 
     # Each stage's models are loaded to CPU RAM only when the stage comes, and the
     # encoders are dropped before the transformer loads, so the RAM peak is the
@@ -208,7 +379,7 @@ def generate(settings: JobSettings, engine: Engine, image: np.ndarray | None = N
         release_free_heap()
     vision = ch["image_encoder"].backend.load(source, ch["image_encoder"].options, dtype["image_encoder"], "none")
     vae = ch["vae"].backend.load(source, ch["vae"].options, dtype["vae"], "none")
-    vae.set_tiling(engine.profile.vae_tiling)
+    vae.set_tiling(plan.vae_tiling)  # the plan tiles where an untiled decode would not fit or would set the peak
     policy.prepare({**vision.modules, **vae.modules})
     cropped = resize_and_center_crop(image, height, width)
     branches, start_latent = _condition(settings, embeddings, vision, vae, policy, cropped, dtype["transformer"])
@@ -216,45 +387,43 @@ def generate(settings: JobSettings, engine: Engine, image: np.ndarray | None = N
     del vision
     gc.collect()
     release_free_heap()
-
-    attention = build_attention(ch["attention"].backend, ch["attention"].options)
-    transformer = load_transformer(source, dtype["transformer"], attention, quantize["transformer"], device)
-    policy.prepare({"transformer": transformer})
-    cache = ch["cache"].backend.make_cache(ch["cache"].options)
-    cache.bind(transformer)
+    checkpoint = resuming.checkpoint if resuming is not None else None
     if checkpoint is not None and not torch.equal(start_latent, checkpoint.start_latent):
         raise UserError("the start image encodes differently than when this job started "
                         "(another image, VAE or machine); its checkpoint cannot continue")
 
-    if not resume:
-        jobdir.create(record)  # only now: an interruption while loading leaves nothing behind
-    outputs = SegmentOutputs(engine, jobdir, output, width, height, settings.variant == "original")
+    shape = LoopShape(sections, lws, height // 8, width // 8, settings.variant == "original", settings.seed)
+    inputs = LoopInputs(settings, engine, shape, branches, start_latent, vae, None, policy, None, outputs, jobdir,
+                        dtype["transformer"])
+    if resuming is None:
+        state = LoopState(shape, start_latent)
+    elif resuming.replays:  # rebuild what was damaged, from the section latents, before sampling
+        state = replay(inputs, resuming.start, set(resuming.rewrite))
+    else:
+        state = LoopState.from_checkpoint(shape, checkpoint)
+
+    attention = build_attention(ch["attention"].backend, ch["attention"].options)
+    inputs.transformer = load_transformer(source, dtype["transformer"], attention, quantize["transformer"], device)
+    policy.prepare({"transformer": inputs.transformer})
+    inputs.cache = ch["cache"].backend.make_cache(ch["cache"].options)
+    inputs.cache.bind(inputs.transformer)
+
     metadata = container_tags(record)
-    status, error = "failed", None
-    written: list[Path] = []
-    try:
-        loop = run_sections(settings, engine, sections, height, width, branches, start_latent, vae, transformer,
-                            policy, cache, outputs, jobdir, checkpoint, dtype["transformer"])
-        written = outputs.join(loop.segments, metadata) + outputs.save_latents(loop.latents, metadata)
-        if settings.latents_out is not None:
-            # The same file the `latents` writer makes, at the user's path.
-            engine.registry.get("writer", "latents").backend.save(Path(settings.latents_out), loop.latents, metadata, None)
-            written.append(Path(settings.latents_out))
-        write_sidecar(sidecar_path(output), record)
-        written.append(sidecar_path(output))
-        jobdir.remove()
-        status = "done"
-    except KeyboardInterrupt:
-        status = "interrupted"
-        raise Interrupted(_interrupted_message(jobdir, outputs, metadata)) from None
-    except BaseException as exc:
-        error = f"{type(exc).__name__}: {exc}"
-        if not jobdir.checkpoint_path.exists():
-            jobdir.remove()  # nothing finished: nothing to resume
-        raise
-    finally:
-        hook.framepack_on_job_end(event=JobEnd(status=status, outputs=tuple(str(p) for p in written),
-                                               elapsed_s=time.perf_counter() - started, error=error))
+    loop = run_sections(inputs, state)
+    names = outputs.names
+    written = outputs.join(loop.segments, metadata) + outputs.save_latents(loop.latents, metadata)
+    if settings.latents_out is not None:
+        # The same file the `latents` writer makes, at the user's path.
+        engine.registry.get("writer", "latents").backend.save(Path(settings.latents_out), loop.latents, metadata, None)
+        written.append(Path(settings.latents_out))
+    write_sidecar(names.sidecar, record)
+    written.append(names.sidecar)
+    for stale in names.partial_paths():  # the partial video of an earlier interruption is superseded
+        if stale.is_file():
+            stale.unlink()
+        elif is_frame_folder(stale):
+            shutil.rmtree(stale)
+    jobdir.remove()
     return GenerationResult(
         latents=loop.latents, frames=loop.frames, height=height, width=width, sections=sections, outputs=written,
         computed_steps=loop.computed_steps, skipped_steps=loop.skipped_steps,
@@ -262,10 +431,19 @@ def generate(settings: JobSettings, engine: Engine, image: np.ndarray | None = N
     )
 
 
+def _disk_full_message(exc: OSError, jobdir: JobDir, names: OutputNames) -> str:
+    where = exc.filename or jobdir.path
+    free = free_bytes(Path(where))
+    if jobdir.checkpoint_path.exists():
+        then = f"free some space, then continue with: framepack resume {jobdir.path}"
+    else:
+        then = "free some space and start again (no section had finished)"
+    return f"the disk is full (writing {where}; {free / 1e6:.0f} MB free); {then}"
+
+
 def _interrupted_message(jobdir: JobDir, outputs: SegmentOutputs, metadata: dict[str, str]) -> str:
     """Join what is finished into a playable partial video and say how to go on."""
     if not jobdir.checkpoint_path.exists():
-        jobdir.remove()
         return "interrupted before the first section finished; nothing to resume"
     done = jobdir.read_checkpoint()
     partial = []

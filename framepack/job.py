@@ -38,6 +38,17 @@ class JobSettings:
         def bad(name: str, value, why: str) -> UserError:
             return UserError(f"{name} {value!r}: {why}")
 
+        for name, text in (("--prompt", self.prompt), ("--negative-prompt", self.negative_prompt)):
+            if not isinstance(text, str):
+                raise bad(name, text, "must be text")
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raw = text[exc.start:exc.end].encode("utf-8", "surrogateescape")
+                raise UserError(f"{name}: not valid UTF-8 (bytes {raw.hex(' ')} at character {exc.start}); "
+                                "pass the text in UTF-8") from None
+            if "\x00" in text:
+                raise UserError(f"{name}: contains a NUL character at {text.index(chr(0))}; remove it")
         if self.variant not in VARIANTS:
             raise bad("--variant", self.variant, f"must be one of {', '.join(VARIANTS)}")
         if not math.isfinite(self.seconds) or self.seconds <= 0:

@@ -27,6 +27,7 @@ FORMAT = f"{FORMAT_NAME}/{FORMAT_VERSION}"
 JSON_TAG = "comment"  # the tag that carries the whole record
 SIDECAR_SUFFIX = ".json"
 PATH_FIELDS = ("image", "output", "latents_out")
+TABLES = ("engine", "settings", "inputs", "backends", "model", "extra")
 
 
 def build_metadata(settings, profile: str, backends: dict[str, str], model: dict, extra: dict) -> dict:
@@ -47,6 +48,10 @@ def build_metadata(settings, profile: str, backends: dict[str, str], model: dict
     for key in PATH_FIELDS:
         if values.get(key) is not None:
             values[key] = str(Path(values[key]).expanduser().absolute())
+    if values.get("model") is not None and Path(values["model"]).expanduser().exists():
+        # A local folder, stored absolute so resume and --from work from any folder;
+        # a hub id stays as given.
+        values["model"] = str(Path(values["model"]).expanduser().resolve())
     if values.get("size") is not None:
         values["size"] = list(values["size"])
     return {
@@ -200,6 +205,12 @@ def _parse(text: str, path: Path) -> dict:
     name, _, version = data["format"].partition("/")
     if not version.isdigit():
         raise UserError(f"{path}: unknown metadata format {data['format']!r}")
+    for key in TABLES:  # a crafted or damaged record must not reach code that expects tables
+        if not isinstance(data.get(key, {}), dict):
+            raise UserError(f"{path}: framepack metadata is damaged: '{key}' must be a JSON object, "
+                            f"not {type(data[key]).__name__}")
+    if not isinstance(data.get("inputs", {}).get("image", {}), dict):
+        raise UserError(f"{path}: framepack metadata is damaged: 'inputs.image' must be a JSON object")
     if int(version) > FORMAT_VERSION:
         from framepack import __version__
 
@@ -295,4 +306,9 @@ def format_metadata(metadata: dict) -> str:
         lines.append(f"model: {model.get('source', '?')}; fingerprint {model.get('fingerprint') or 'unknown'}")
     for key, value in metadata.get("extra", {}).items():
         lines.append(f"{key}: {value}")
-    return "\n".join(lines)
+    return "\n".join(_printable(line) for line in lines)
+
+
+def _printable(text: str) -> str:
+    """Control characters from a crafted file shown escaped, never sent to the terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from framepack.events import SectionEvent, StepEvent
 from framepack.heap import fixed_mmap_threshold
-from framepack.jobdir import Checkpoint
+from framepack.jobdir import Checkpoint, file_digest
 from framepack.sampling import make_x0_model, sample_unipc, section_sigmas
 from framepack.sections import (
     HISTORY_SPLIT,
@@ -49,93 +50,197 @@ def window_size(lws: int) -> int:
     return max(CONTEXT + 1, 2 * lws + 1)
 
 
-@fixed_mmap_threshold()  # per-section buffers in their own mmaps: no heap drift (framepack.heap)
-def run_sections(settings, engine, sections, height, width, branches, start_latent, vae, transformer,
-                 policy, cache, outputs, jobdir, checkpoint: Checkpoint | None, tdtype) -> LoopResult:
-    started = time.perf_counter()
-    hook = engine.hook
-    device = policy.execution_device
-    lws = settings.latent_window_size
-    h, w = height // 8, width // 8
-    keep = window_size(lws)
-    inverted = settings.variant == "original"
+@dataclass(frozen=True)
+class LoopShape:
+    """What fixes the loop's bookkeeping: the same for a run, its resume and its replay."""
 
-    generator = torch.Generator("cpu").manual_seed(settings.seed)
-    timeline = PixelTimeline(pixel_frames_per_section(lws), "front" if inverted else "back")
-    paddings = inverted_paddings(sections) if inverted else [None] * sections
-    if checkpoint is None:
-        zeros = torch.zeros((1, LATENT_CHANNELS, CONTEXT, h, w), dtype=torch.float32)
-        history = zeros if inverted else torch.cat([zeros, start_latent], dim=2)
-        generated, first, segments = (0 if inverted else 1), 0, []
-    else:
-        history, generated, first = checkpoint.window, checkpoint.generated, checkpoint.next_section
-        segments = list(checkpoint.segments)
-        generator.set_state(checkpoint.generator_state)
-        timeline.edge, timeline.final_frames = checkpoint.edge, checkpoint.final_frames
-    sigmas = section_sigmas(settings.steps, lws, h, w).to(device)
-    result = LoopResult(latents=torch.empty(0), frames=0, segments=segments)
+    sections: int
+    lws: int
+    h: int  # latent height (pixels / 8)
+    w: int
+    inverted: bool
+    seed: int
 
-    for index in range(first, sections):
-        padding = paddings[index]
-        hook.framepack_on_section(event=SectionEvent(index, sections, "start", time.perf_counter() - started))
-        if inverted:
+    @property
+    def noise_shape(self) -> tuple[int, ...]:
+        return (1, LATENT_CHANNELS, self.lws, self.h, self.w)
+
+    def paddings(self) -> list:
+        return inverted_paddings(self.sections) if self.inverted else [None] * self.sections
+
+
+class LoopState:
+    """History window, latent count, noise generator, pixel timeline and the
+    files written so far: everything a section changes. One place updates it
+    (``advance``), for the loop and for ``replay`` alike."""
+
+    def __init__(self, shape: LoopShape, start_latent: torch.Tensor) -> None:
+        self.shape = shape
+        self.keep = window_size(shape.lws)
+        zeros = torch.zeros((1, LATENT_CHANNELS, CONTEXT, shape.h, shape.w), dtype=torch.float32)
+        self.history = zeros if shape.inverted else torch.cat([zeros, start_latent], dim=2)
+        self.generated = 0 if shape.inverted else 1
+        self.next_section = 0
+        self.segments: list[int] = []
+        self.files: dict[str, str] = {}
+        self.generator = torch.Generator("cpu").manual_seed(shape.seed)
+        self.timeline = PixelTimeline(pixel_frames_per_section(shape.lws), "front" if shape.inverted else "back")
+
+    @classmethod
+    def from_checkpoint(cls, shape: LoopShape, ck: Checkpoint) -> "LoopState":
+        state = cls(shape, ck.start_latent)
+        state.history, state.generated, state.next_section = ck.window, ck.generated, ck.next_section
+        state.segments, state.files = list(ck.segments), dict(ck.files)
+        state.generator.set_state(ck.generator_state)
+        state.timeline.edge, state.timeline.final_frames = ck.edge, ck.final_frames
+        return state
+
+    def checkpoint(self, start_latent: torch.Tensor) -> Checkpoint:
+        return Checkpoint(
+            next_section=self.next_section, generated=self.generated, final_frames=self.timeline.final_frames,
+            segments=list(self.segments), window=self.history, start_latent=start_latent,
+            generator_state=self.generator.get_state(), edge=self.timeline.edge, files=dict(self.files),
+        )
+
+    def draw_noise(self) -> torch.Tensor:
+        return torch.randn(self.shape.noise_shape, generator=self.generator, device="cpu")
+
+    def context(self, padding, start_latent: torch.Tensor):
+        """(index layout, clean 1x latents, 2x, 4x) for the next section (SPEC.md section 3)."""
+        lws = self.shape.lws
+        if self.shape.inverted:
             layout = inverted_layout(padding, lws)
-            post, clean_2x, clean_4x = history[:, :, :CONTEXT].split(HISTORY_SPLIT, dim=2)
-            clean = torch.cat([start_latent, post], dim=2)
+            post, clean_2x, clean_4x = self.history[:, :, :CONTEXT].split(HISTORY_SPLIT, dim=2)
+            return layout, torch.cat([start_latent, post], dim=2), clean_2x, clean_4x
+        layout = f1_layout(lws)
+        clean_4x, clean_2x, clean_1x = self.history[:, :, -CONTEXT:].split(HISTORY_SPLIT[::-1], dim=2)
+        return layout, torch.cat([start_latent, clean_1x], dim=2), clean_2x, clean_4x
+
+    def advance(self, latents: torch.Tensor, last: bool) -> torch.Tensor:
+        """Add a section's latents as saved (the inverted model's last section
+        with the start latent in front); return the latents to decode."""
+        lws, index = self.shape.lws, self.next_section
+        self.generated += latents.shape[2]
+        if self.shape.inverted:
+            self.history = torch.cat([latents, self.history], dim=2)[:, :, : self.keep]
+            real = self.history[:, :, : self.generated]
+            decode = real if index == 0 else real[:, :, : 2 * lws + (1 if last else 0)]
         else:
-            layout = f1_layout(lws)
-            clean_4x, clean_2x, clean_1x = history[:, :, -CONTEXT:].split(HISTORY_SPLIT[::-1], dim=2)
-            clean = torch.cat([start_latent, clean_1x], dim=2)
+            self.history = torch.cat([self.history, latents], dim=2)[:, :, -self.keep :]
+            real = self.history[:, :, -self.generated :]
+            decode = real if index == 0 else real[:, :, -2 * lws :]
+        self.next_section += 1
+        return decode
+
+
+@dataclass
+class LoopInputs:
+    """What the section loop samples with (built by framepack.generate)."""
+
+    settings: Any  # framepack.job.JobSettings
+    engine: Any  # framepack.assemble.Engine
+    shape: LoopShape
+    branches: dict  # CFG branch -> transformer inputs (framepack.generate._condition)
+    start_latent: torch.Tensor  # (1, 16, 1, h, w) float32, CPU
+    vae: Any
+    transformer: Any
+    policy: Any  # framepack.offload.OffloadPolicy
+    cache: Any  # framepack.stepcache.StepCache
+    outputs: Any  # framepack.outputs.SegmentOutputs
+    jobdir: Any  # framepack.jobdir.JobDir
+    tdtype: torch.dtype
+
+
+@fixed_mmap_threshold()  # per-section buffers in their own mmaps: no heap drift (framepack.heap)
+def run_sections(inp: LoopInputs, state: LoopState) -> LoopResult:
+    """Sample sections ``state.next_section`` .. the last, writing each one's
+    latents, segments and a checkpoint as it finishes."""
+    started = time.perf_counter()
+    settings, shape, hook = inp.settings, inp.shape, inp.engine.hook
+    device = inp.policy.execution_device
+    paddings = shape.paddings()
+    sigmas = section_sigmas(settings.steps, shape.lws, shape.h, shape.w).to(device)
+    result = LoopResult(latents=torch.empty(0), frames=0, segments=state.segments)
+
+    for index in range(state.next_section, shape.sections):
+        padding = paddings[index]
+        hook.framepack_on_section(event=SectionEvent(index, shape.sections, "start", time.perf_counter() - started))
+        layout, clean, clean_2x, clean_4x = state.context(padding, inp.start_latent)
         context = SectionContext(
             indices_latents=layout.latent.to(device),
-            latents_clean=clean.to(device, tdtype),
+            latents_clean=clean.to(device, inp.tdtype),
             indices_latents_clean=layout.clean.to(device),
-            latents_history_2x=clean_2x.to(device, tdtype),
+            latents_history_2x=clean_2x.to(device, inp.tdtype),
             indices_latents_history_2x=layout.clean_2x.to(device),
-            latents_history_4x=clean_4x.to(device, tdtype),
+            latents_history_4x=clean_4x.to(device, inp.tdtype),
             indices_latents_history_4x=layout.clean_4x.to(device),
         ).as_kwargs()
 
-        noise = torch.randn((1, LATENT_CHANNELS, lws, h, w), generator=generator, device="cpu").to(device, torch.float32)
-        with policy.stage("transformer"):
-            latents = _sample_section(settings, transformer, cache, branches, context, noise, sigmas, tdtype,
-                                      hook, index, sections, started)
+        noise = state.draw_noise().to(device, torch.float32)
+        with inp.policy.stage("transformer"):
+            latents = _sample_section(settings, inp.transformer, inp.cache, inp.branches, context, noise, sigmas,
+                                      inp.tdtype, hook, index, shape.sections, started)
         latents = latents.cpu().float()  # (1, 16, lws, h, w)
-        result.computed_steps.append(cache.counts.computed)
-        result.skipped_steps.append(cache.counts.skipped)
+        result.computed_steps.append(inp.cache.counts.computed)
+        result.skipped_steps.append(inp.cache.counts.skipped)
 
-        if inverted:
-            last = padding == 0
-            if last:
-                latents = torch.cat([start_latent, latents], dim=2)
-            generated += latents.shape[2]
-            history = torch.cat([latents, history], dim=2)[:, :, :keep]
-            real = history[:, :, :generated]
-            to_decode = real if index == 0 else real[:, :, : 2 * lws + (1 if last else 0)]
-        else:
-            generated += latents.shape[2]
-            history = torch.cat([history, latents], dim=2)[:, :, -keep:]
-            real = history[:, :, -generated:]
-            to_decode = real if index == 0 else real[:, :, -2 * lws :]
-        with policy.stage("vae"):
-            pixels = vae.decode(to_decode)
-        if outputs.add(timeline.add(pixels), index):
-            segments.append(index)
-        jobdir.save_section_latents(index, latents)
-        jobdir.write_checkpoint(Checkpoint(
-            next_section=index + 1, generated=generated, final_frames=timeline.final_frames, segments=segments,
-            window=history, start_latent=start_latent, generator_state=generator.get_state(), edge=timeline.edge,
-        ))
+        last = shape.inverted and padding == 0
+        if last:
+            latents = torch.cat([inp.start_latent, latents], dim=2)
+        _finish_section(inp, state, index, latents, last)
         hook.framepack_on_section(
-            event=SectionEvent(index, sections, "end", time.perf_counter() - started,
+            event=SectionEvent(index, shape.sections, "end", time.perf_counter() - started,
                                computed=result.computed_steps[-1], skipped=result.skipped_steps[-1])
         )
 
-    if outputs.add(timeline.finish(), sections):
-        segments.append(sections)
-    result.latents = _final_latents(jobdir, sections, lws, start_latent, inverted)
-    result.frames = timeline.final_frames
+    if inp.outputs.add(state.timeline.finish(), shape.sections):
+        state.segments.append(shape.sections)
+    result.latents = _final_latents(inp.jobdir, shape.sections, shape.lws, inp.start_latent, shape.inverted)
+    result.frames = state.timeline.final_frames
     return result
+
+
+def _finish_section(inp: LoopInputs, state: LoopState, index: int, latents: torch.Tensor, last: bool) -> None:
+    """Decode, write the segments and the latents, then the checkpoint that lists them."""
+    to_decode = state.advance(latents, last)
+    with inp.policy.stage("vae"):
+        pixels = inp.vae.decode(to_decode)
+    written = inp.outputs.add(state.timeline.add(pixels), index)
+    if written:
+        state.segments.append(index)
+        state.files.update(written)
+    state.files[inp.jobdir.relative(inp.jobdir.section_latents_path(index))] = \
+        inp.jobdir.save_section_latents(index, latents)
+    inp.jobdir.write_checkpoint(state.checkpoint(inp.start_latent))
+
+
+def replay(inp: LoopInputs, upto: int, rewrite: set[int]) -> LoopState:
+    """The loop's state after section ``upto - 1``, rebuilt from the saved
+    section latents (already verified) without sampling: the generator draws
+    the same noise and the VAE decodes again. Segments in ``rewrite`` are
+    written again from the decoded frames; the others are kept as they are.
+    A checkpoint for the rebuilt state is written at the end."""
+    shape, jobdir = inp.shape, inp.jobdir
+    state = LoopState(shape, inp.start_latent)
+    paddings = shape.paddings()
+    for index in range(upto):
+        state.draw_noise()  # keeps the generator where the loop had it
+        latents = jobdir.load_section_latents(index)
+        last = shape.inverted and paddings[index] == 0
+        to_decode = state.advance(latents, last)
+        with inp.policy.stage("vae"):
+            frames = state.timeline.add(inp.vae.decode(to_decode))
+        rel = jobdir.relative(jobdir.section_latents_path(index))
+        state.files[rel] = file_digest(jobdir.section_latents_path(index))
+        if not len(frames):
+            continue
+        state.segments.append(index)
+        if index in rewrite:
+            state.files.update(inp.outputs.add(frames, index))
+        else:
+            state.files.update(inp.outputs.digests(index))
+    jobdir.write_checkpoint(state.checkpoint(inp.start_latent))
+    return state
 
 
 def _final_latents(jobdir, sections, lws, start_latent, inverted) -> torch.Tensor:

@@ -1,0 +1,88 @@
+"""Helpers for tests that run real jobs in real processes: the CLI as a
+subprocess, a plugin that kills (or pauses) a job at a chosen section, and
+readers for what a job leaves behind."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import av
+import numpy as np
+from PIL import Image
+
+# A plugin loaded through a fake dist-info (the real entry-point path): at the
+# end of section KILL_AFTER (after its checkpoint) it sends KILL_SIGNAL to its
+# own process, or, with PAUSE_DIR set, writes PAUSE_DIR/ready and waits for
+# PAUSE_DIR/go.
+KILLER = '''
+import os, pathlib, signal, time
+from framepack.hookspecs import hookimpl
+
+@hookimpl
+def framepack_on_section(event):
+    if event.phase != "end" or event.index != int(os.environ.get("KILL_AFTER", "-1")):
+        return
+    pause = os.environ.get("PAUSE_DIR")
+    if pause:
+        pathlib.Path(pause, "ready").write_text(str(os.getpid()))
+        deadline = time.monotonic() + 120
+        while not pathlib.Path(pause, "go").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return
+    os.kill(os.getpid(), getattr(signal, os.environ.get("KILL_SIGNAL", "SIGKILL")))
+'''
+
+
+def write_killer_plugin(root: Path) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "killer_plugin.py").write_text(textwrap.dedent(KILLER))
+    info = root / "killer_plugin-1.0.dist-info"
+    info.mkdir(exist_ok=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: killer-plugin\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[framepack]\nkiller = killer_plugin\n")
+    return root
+
+
+def cli_env(env_extra=None, pythonpath=None) -> dict:
+    env = dict(os.environ, **(env_extra or {}))
+    if pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join([str(pythonpath), env.get("PYTHONPATH", "")])
+    return env
+
+
+def cli(args, env_extra=None, pythonpath=None, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "framepack", *map(str, args)], capture_output=True, text=True,
+                          env=cli_env(env_extra, pythonpath), timeout=600, cwd=cwd)
+
+
+def start_cli(args, env_extra=None, pythonpath=None, cwd=None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "framepack", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=cli_env(env_extra, pythonpath), cwd=cwd)
+
+
+def job_args(tiny_model, image, out: Path, variant: str, seconds: float, writers=("mp4", "png"), latents=True):
+    args = ["generate", "--image", str(image), "--prompt", "a wave", "--model", str(tiny_model), "--variant", variant,
+            "--seconds", str(seconds), "--steps", "2", "--size", "64x64", "--output", str(out), "--profile", "cpu",
+            "--set", "writers=[" + ", ".join(f'"{w}"' for w in writers) + "]"]
+    if latents:
+        args += ["--latents-out", str(out.with_suffix(".safetensors"))]
+    return args
+
+
+def frames_of(path: Path) -> np.ndarray:
+    """Decoded frames of an mp4, or the frames of a png writer's folder."""
+    if path.is_dir():
+        return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in sorted(path.glob("*.png"))])
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+def flip_byte(path: Path, offset_from_end: int = 1) -> None:
+    """Change one byte of a file (in the tensor data, which safetensors puts last)."""
+    data = bytearray(path.read_bytes())
+    data[-offset_from_end] ^= 0x55
+    path.write_bytes(bytes(data))
