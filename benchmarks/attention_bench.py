@@ -54,7 +54,7 @@ IMAGE_TOKENS, TEXT_TOKENS = 729, 256  # SigLIP 27x27; Llama prompt padded/croppe
 def packed_length(height: int = HEIGHT, width: int = WIDTH, window: int = WINDOW) -> int:
     """Tokens one transformer call attends over (batch 1, full 256-token
     prompt): 18,485 at 640x608."""
-    from framepack.planning import packed_tokens
+    from framepack.engine.planning import packed_tokens
 
     return packed_tokens(height, width, window) + IMAGE_TOKENS + TEXT_TOKENS
 
@@ -62,7 +62,7 @@ def packed_length(height: int = HEIGHT, width: int = WIDTH, window: int = WINDOW
 def load_backends():
     """The attention backends of the real plugin manager (built-ins and any
     third-party kernels installed)."""
-    from framepack.plugins import build_plugin_manager, collect_backends
+    from framepack.engine.plugin_manager import build_plugin_manager, collect_backends
 
     return collect_backends(build_plugin_manager())
 
@@ -131,7 +131,7 @@ def build_transformer(device: torch.device, dtype: torch.dtype, config: dict = T
 
 def transformer_inputs(device: torch.device, dtype: torch.dtype) -> dict:
     """One section's inputs at 640x608, batch 1, F1 layout (the token count is the same for both variants)."""
-    from framepack.sections import f1_layout
+    from framepack.pipeline.sections import f1_layout
 
     g = torch.Generator(device).manual_seed(0)
     h, w = HEIGHT // 8, WIDTH // 8
@@ -162,7 +162,7 @@ def transformer_steps(backends: list, repeat: int, device: torch.device, dtype: 
     """{kernel: {"step_s", "peak_vram_gb"} or {"step_error"}}, or a reason it did not run."""
     if device.type != "cuda":
         return {}, "--transformer-step needs CUDA (the 13B model in bf16 is 26 GB)"
-    from framepack.attention import build_attention, install_attention
+    from framepack.attention.processors import build_attention, install_attention
 
     free, _ = torch.cuda.mem_get_info()
     need = 26 + 8  # weights + activations at 18.5k tokens, GB (rough)

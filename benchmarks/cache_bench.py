@@ -37,12 +37,12 @@ from pathlib import Path
 
 import torch
 
-from framepack.assemble import assemble
-from framepack.calibrate import run_calibration
-from framepack.generate import generate
+from framepack.engine.assemble import assemble
+from framepack.pipeline.calibrate import run_calibration
+from framepack.pipeline.generate import generate
 from framepack.hookspecs import hookimpl
-from framepack.job import JobSettings
-from framepack.models import ModelSource
+from framepack.pipeline.settings import JobSettings
+from framepack.models.sources import ModelSource
 
 CACHE_MODULES = ("framepack_plugins.cache.teacache", "framepack_plugins.cache.magcache", "framepack_plugins.cache.first_block")
 PROMPT = "A cat walks along a wall, turns its head and looks at the camera."
@@ -105,7 +105,7 @@ def build_full_size_model(dest: Path) -> Path:
 
     from diffusers import HunyuanVideoFramepackTransformer3DModel
 
-    from framepack.tiny_model import HIDDEN_SIZE, make_tiny_model
+    from framepack.models.tiny import HIDDEN_SIZE, make_tiny_model
 
     make_tiny_model(dest)
     shutil.rmtree(dest / "transformer")
@@ -131,7 +131,7 @@ def build_full_size_model(dest: Path) -> Path:
 def keep_transformer_loaded() -> None:
     """Load the transformer once for all runs (26 GB each time otherwise).
     Caches bind to it job after job; an unarmed block gate runs every block."""
-    import framepack.generate as gen
+    import framepack.pipeline.generate as gen
 
     loaded = {}
     original = gen.load_transformer
@@ -183,7 +183,7 @@ def main() -> int:
         if kind == "full":
             build_full_size_model(model_dir)
         else:
-            from framepack.tiny_model import make_tiny_model
+            from framepack.models.tiny import make_tiny_model
 
             make_tiny_model(model_dir)
     image = work / "input.png"
@@ -222,7 +222,7 @@ def main() -> int:
         cpu = [min(t.cpu[i] for t in timers) for i in range(len(timers[0].cpu))]
         if vae is None:
             choice = engine.choices["vae"]
-            from framepack.config import torch_dtype
+            from framepack.engine.profiles import torch_dtype
 
             vae = choice.backend.load(ModelSource.from_arg(str(model_dir), "original"), choice.options,
                                       torch_dtype(engine.profile.dtype["vae"]))

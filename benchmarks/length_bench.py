@@ -25,12 +25,12 @@ from pathlib import Path
 DRIVER = r'''
 import json, resource, sys, time
 from pathlib import Path
-import framepack.outputs as outputs
-from framepack.assemble import assemble
-from framepack.generate import generate
+import framepack.output.outputs as outputs
+from framepack.engine.assemble import assemble
+from framepack.pipeline.generate import generate
 from framepack.hardware import HardwareInfo
-from framepack.job import JobSettings
-from framepack.tiny_model import make_tiny_model
+from framepack.pipeline.settings import JobSettings
+from framepack.models.tiny import make_tiny_model
 
 spent = [0.0]
 def timed(fn):
@@ -106,7 +106,7 @@ def main() -> None:
     args = parser.parse_args()
     from PIL import Image
 
-    from framepack.tiny_model import make_tiny_model
+    from framepack.models.tiny import make_tiny_model
 
     counts = [int(n) for n in args.sections.split(",") if n]
     lengths = [float(s) for s in args.seconds.split(",") if s]

@@ -49,12 +49,12 @@ def step_case(model: Path, policy_name: str, fmt: str, cap_gb: float, steps: int
     """One transformer configuration, in this (fresh) process."""
     import torch
 
-    from framepack.attention import build_attention
+    from framepack.attention.processors import build_attention
     from framepack.hardware import detect_hardware, peak_memory_gb
-    from framepack.models import ModelSource
-    from framepack.planning import packed_tokens
-    from framepack.plugins import build_plugin_manager, collect_backends
-    from framepack.transformer import load_transformer
+    from framepack.models.sources import ModelSource
+    from framepack.engine.planning import packed_tokens
+    from framepack.engine.plugin_manager import build_plugin_manager, collect_backends
+    from framepack.pipeline.transformer import load_transformer
 
     if cap_gb > 0:
         os.environ["FRAMEPACK_VRAM_LIMIT_GB"] = str(cap_gb)

@@ -10,7 +10,7 @@ weights in the real layout (44 GB of disk, about 10 minutes):
 Each case runs in a fresh process, so ``ru_maxrss`` is that case's own peak. Cases:
 
 * ``transformer:bf16`` / ``transformer:fp8`` - the 13B transformer as the engine loads it
-  (``framepack.transformer.load_transformer``); fp8 goes through the meta-model lazy
+  (``framepack.pipeline.transformer.load_transformer``); fp8 goes through the meta-model lazy
   loader.
 * ``text:fp16`` / ``text:nf4`` - Llama-3-8B + CLIP-L through the text-encoder plugin;
   nf4 is bitsandbytes 4-bit (the lowest profile's format), quantized on the CPU.
@@ -20,7 +20,7 @@ Each case runs in a fresh process, so ``ru_maxrss`` is that case's own peak. Cas
 
 A case whose planner estimate exceeds 90 % of this machine's RAM is skipped with that
 reason (it would be killed for memory, or swap). Next to each measurement the table shows
-the planner's weight estimate (framepack.planning) so the planner can be checked.
+the planner's weight estimate (framepack.engine.planning) so the planner can be checked.
 
 Columns: ``peak RSS`` is the kernel's high-water mark (ru_maxrss), which also counts
 pages of the memory-mapped weight files being read; ``peak anon`` is the process's own
@@ -89,9 +89,9 @@ def peak_rss_gb() -> float:
 def _load_transformer(source, fmt: str):
     import torch
 
-    from framepack.attention import build_attention
-    from framepack.plugins import build_plugin_manager, collect_backends
-    from framepack.transformer import load_transformer
+    from framepack.attention.processors import build_attention
+    from framepack.engine.plugin_manager import build_plugin_manager, collect_backends
+    from framepack.pipeline.transformer import load_transformer
 
     sdpa = collect_backends(build_plugin_manager()).get("attention", "sdpa").backend
     quantize = "fp8" if fmt == "fp8" else "none"
@@ -108,8 +108,8 @@ def _load_text(source, fmt: str):
 
 def run_case(model: Path, case: str) -> dict:
     """One case in this process; returns its measurements."""
-    from framepack.heap import release_free_heap
-    from framepack.models import ModelSource
+    from framepack.models.heap import release_free_heap
+    from framepack.models.sources import ModelSource
 
     source = ModelSource("inverted", root=model)
     kind, fmt = case.split(":")
@@ -133,7 +133,7 @@ def run_case(model: Path, case: str) -> dict:
         mark("text")
         del loaded
         gc.collect()
-        release_free_heap()  # as framepack.generate does after releasing the encoders
+        release_free_heap()  # as framepack.pipeline.generate does after releasing the encoders
         mark("released")
         loaded = _load_transformer(source, transformer_fmt)
         mark("transformer")
@@ -145,7 +145,7 @@ def run_case(model: Path, case: str) -> dict:
 
 def estimate_gb(case: str) -> float:
     """The planner's weight bytes for what the case holds at once."""
-    from framepack.planning import KNOWN_PARAMS, _weight_bytes
+    from framepack.engine.planning import KNOWN_PARAMS, _weight_bytes
 
     def part(kind: str, fmt: str) -> float:
         if kind == "transformer":

@@ -4,16 +4,16 @@ At 2048x2048 the plan said 7.5 GB and diffusers' AutoencoderKLHunyuanVideo then
 asked for 107 GB. This decodes random latents with the VAE backend the engine uses
 (plugins/encoders/hunyuan_vae.py, float32 pixels out) at several sizes and latent
 frame counts, with and without tiling, and reports the peak against
-``framepack.vae_memory.decode_peak_bytes``.
+``framepack.engine.vae_memory.decode_peak_bytes``.
 
     python benchmarks/vae_decode_bench.py [--vaes tiny,medium,full] [--quick] [--json PATH]
     python benchmarks/vae_decode_bench.py --resume   # measure only the cases missing from --json
     python benchmarks/vae_decode_bench.py --replan   # after changing the estimate: new planned column
 
 VAEs, all AutoencoderKLHunyuanVideo with random weights (the weights do not change
-the memory): ``tiny`` is the test model's (8 channels, framepack.tiny_model), ``full``
+the memory): ``tiny`` is the test model's (8 channels, framepack.models.tiny), ``full``
 the real config (128/256/512/512 channels, 2 layers per block, 246M parameters,
-framepack.full_model.vae_config), ``medium`` the real layout at 32/64/128/128
+framepack.models.full.vae_config), ``medium`` the real layout at 32/64/128/128
 channels. The full VAE is slow on a CPU (a 17-frame 64x64 decode took 38 s on 2
 shared cores), so its tiled cases use 64-pixel tiles (stride 48): the tiling
 code path is the same as with the default 256-pixel tiles.
@@ -21,7 +21,7 @@ code path is the same as with the default 256-pixel tiles.
 Each case runs in a fresh process. Peak = the kernel's RSS high-water mark during
 the decode (reset through /proc/self/clear_refs just before it) minus the RSS just
 before, with the heap trimmed first and glibc's mmap threshold fixed as the section
-loop fixes it (framepack.heap), so freed buffers go back to the OS at once. Linux only.
+loop fixes it (framepack.models.heap), so freed buffers go back to the OS at once. Linux only.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ QUICK_CASES.append(("medium", 2, 128, 128, False, None))
 WORKER = r'''
 import json, sys, time
 import torch
-from framepack.heap import fixed_mmap_threshold, release_free_heap
+from framepack.models.heap import fixed_mmap_threshold, release_free_heap
 from plugins.encoders.hunyuan_vae import HunyuanVae
 
 def status(key):
@@ -67,10 +67,10 @@ case = json.loads(sys.argv[1])
 torch.manual_seed(0)
 from diffusers import AutoencoderKLHunyuanVideo
 if case["vae"] == "tiny":
-    from framepack.tiny_model import _build_vae
+    from framepack.models.tiny import _build_vae
     model = _build_vae()
 else:
-    from framepack.full_model import vae_config
+    from framepack.models.full import vae_config
     config = vae_config()
     if case["vae"] == "medium":
         config["block_out_channels"] = (32, 64, 128, 128)
@@ -101,8 +101,8 @@ print(json.dumps({"peak_bytes": peak, "seconds": seconds, "out_shape": list(pixe
 
 
 def geometry(name: str, tile: int | None):
-    from framepack.full_model import vae_config
-    from framepack.vae_memory import VaeGeometry
+    from framepack.models.full import vae_config
+    from framepack.engine.vae_memory import VaeGeometry
 
     config = vae_config()
     if name == "tiny":
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="measure nothing: recompute the planned column of --json (after changing the estimate)")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(HERE.parent))
-    from framepack.vae_memory import decode_peak_bytes
+    from framepack.engine.vae_memory import decode_peak_bytes
 
     def write(rows: list[dict]) -> None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -194,8 +194,8 @@ def _report(rows: list[dict], notes: str | None) -> dict:
         "libc": " ".join(platform.libc_ver()), "date": time.strftime("%Y-%m-%d"),
         "settings": {"dtype": "float32", "batch": 1, "weights": "random", "backend": "plugins/encoders/hunyuan_vae.py",
                      "peak": "VmHWM - VmRSS around vae.decode in a fresh process, heap trimmed, "
-                             "mmap threshold fixed at 128 KiB (framepack.heap)",
-                     "planned": "framepack.vae_memory.decode_peak_bytes(device='cpu'), "
+                             "mmap threshold fixed at 128 KiB (framepack.models.heap)",
+                     "planned": "framepack.engine.vae_memory.decode_peak_bytes(device='cpu'), "
                                 "1.06 x the tensors it counts + 4 MiB (FIT_SCALE, FIT_BYTES)",
                      **({"notes": notes} if notes else {})},
         "largest_error": max((abs(r["error"]) for r in rows if "error" in r), default=0.0), "results": rows,

@@ -85,7 +85,7 @@ class AttentionBackend:
     # Version of the library behind the kernel; part of the self-check cache key.
     version: Callable[[], str] = no_version
     # Largest relative L2 error against sdpa the self-check accepts; None =
-    # the engine's default for the dtype (see framepack.attention_check).
+    # the engine's default for the dtype (see framepack.attention.check).
     tolerance: float | None = None
     family: str = field(default="attention", init=False)
 
@@ -93,7 +93,7 @@ class AttentionBackend:
 @dataclass(frozen=True)
 class OffloadBackend:
     name: str
-    # make_policy(options, device) -> framepack.offload.OffloadPolicy
+    # make_policy(options, device) -> framepack.engine.offload.OffloadPolicy
     make_policy: Callable[[Any, torch.device], Any]
     unavailable_reason: Callable[[HardwareInfo], str | None] = always_available
     options: type = NoOptions
@@ -104,7 +104,7 @@ class OffloadBackend:
 @dataclass(frozen=True)
 class CacheBackend:
     name: str
-    # make_cache(options) -> framepack.stepcache.StepCache
+    # make_cache(options) -> framepack.caching.stepcache.StepCache
     make_cache: Callable[[Any], Any]
     unavailable_reason: Callable[[HardwareInfo], str | None] = always_available
     options: type = NoOptions
@@ -140,12 +140,12 @@ class WriterBackend:
     arrive end-first), and ``join`` puts the segments together in playback
     order into the final file without re-encoding. Latent writers
     (``accepts="latents"``) get the finished latents once, with ``save``.
-    See framepack/writing.py for the object contracts.
+    See framepack/output/writing.py for the object contracts.
     """
 
     name: str
     suffix: str  # what it writes: ".mp4", ".webm", ".safetensors", or "" for a folder
-    # open(path, fps, width, height, options) -> framepack.writing.FrameWriter (one segment)
+    # open(path, fps, width, height, options) -> framepack.output.writing.FrameWriter (one segment)
     open: Callable[..., Any] | None = None
     # join(segments: list[Path], out: Path, options, metadata: dict[str, str]) -> None
     join: Callable[..., Any] | None = None

@@ -9,7 +9,6 @@ import json
 import logging
 import signal
 import sys
-import time
 import traceback
 from pathlib import Path
 
@@ -48,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rs", type=float, default=None, help="CFG rescale, 0..1 (default 0)")
     g.add_argument("--resolution", type=int, default=None, help="bucket base resolution (default 640, the original's table)")
     g.add_argument("--size", help="exact HEIGHTxWIDTH, multiples of 16 (overrides --resolution)")
-    g.add_argument("--latent-window-size", type=int, default=None, help=argparse.SUPPRESS)
+    g.add_argument("--window", "--latent-window-size", dest="window", type=int, default=None, metavar="N",
+                   help="latent window size: latent frames per section, 1-33 (default 9: 33 new frames a section)")
     g.add_argument("--output", type=Path, help="output video (default framepack_<time>_<seed>.mp4)")
     g.add_argument("--latents-out", type=Path, help="also write the finished latents to this .safetensors file")
     g.add_argument("--json", action="store_true", help="print a JSON summary on stdout when done")
@@ -125,111 +125,79 @@ def _eprint(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-GENERATE_FLAGS = {  # argparse dest -> JobSettings field
+GENERATE_FLAGS = {  # argparse dest -> Pipeline.generate setting (the same names)
     "image": "image", "prompt": "prompt", "negative_prompt": "negative_prompt", "output": "output",
     "variant": "variant", "seconds": "seconds", "steps": "steps", "seed": "seed", "gs": "gs", "cfg": "cfg",
-    "rs": "rs", "latent_window_size": "latent_window_size", "resolution": "resolution", "latents_out": "latents_out",
+    "rs": "rs", "window": "window", "resolution": "resolution", "size": "size", "latents_out": "latents_out",
     "model": "model",
 }
 
 
-def cmd_generate(args) -> int:
-    from framepack.job import JobSettings, parse_size
+def _pipeline(args, profile=None, overrides=(), config_files=()):
+    """A one-shot Pipeline: nothing is kept between stages (the process ends after
+    the job), with the progress reporter and the engine report on stderr."""
+    from framepack.api import Pipeline
+    from framepack.output.progress import ProgressReporter
 
-    base: dict = {}
-    if args.from_ is not None:
-        from framepack.metadata import read_metadata, settings_from_metadata
-
-        base = settings_from_metadata(read_metadata(args.from_))
-        base.pop("output", None)  # a re-run writes a new file unless --output says otherwise
-        base.pop("latents_out", None)
-    given = {field: getattr(args, dest) for dest, field in GENERATE_FLAGS.items() if getattr(args, dest) is not None}
-    if args.size is not None:
-        given["size"] = parse_size(args.size)
-    if args.no_prompt_cache:
-        given["prompt_cache"] = False
-    values = {**base, **given}
-    missing = [f"--{k}" for k in ("image", "prompt") if values.get(k) is None]
-    if missing:
-        raise UserError(f"{' and '.join(missing)} required (or --from a previous video or its .json)")
-    seed = values.get("seed", 31337)
-    values.setdefault("output", Path(f"framepack_{time.strftime('%Y%m%d_%H%M%S')}_{seed}.mp4"))
-    settings = JobSettings(**values)
-    return _run_job(args, settings, args.profile, args.overrides, args.config_files, args.job_dir, resume=False)
-
-
-def _job_table(job: dict, key: str, kind: type, default):
-    value = job.get(key, default)
-    if not isinstance(value, kind):
-        raise UserError(f"job record: '{key}' must be a {kind.__name__}, not {type(value).__name__}")
-    return value
-
-
-def cmd_resume(args) -> int:
-    from framepack.job import JobSettings
-    from framepack.jobdir import JobDir
-    from framepack.metadata import settings_from_metadata
-
-    jobdir = JobDir(args.job_dir)
-    job = jobdir.read_job()
-    settings = JobSettings(**settings_from_metadata(job)).validate()
-    extra = _job_table(job, "extra", dict, {})
-    overrides = _job_table(extra, "overrides", list, [])
-    config_files = _job_table(extra, "config_files", list, [])
-    if not all(isinstance(x, str) for x in overrides + config_files):
-        raise UserError(f"{jobdir.path}/job.json is damaged: overrides and config files must be strings")
-    return _run_job(args, settings, _job_table(job, "profile", str, None), overrides,
-                    [Path(p) for p in config_files], jobdir.path, resume=True)
-
-
-def _run_job(args, settings, profile, overrides, config_files, job_dir, resume: bool) -> int:
-    from framepack.assemble import assemble
-    from framepack.generate import generate, preflight
-    from framepack.hardware import peak_memory_gb
-    from framepack.jobdir import JobDir
-    from framepack.progress import ProgressReporter
-
-    image = preflight(settings)  # one clear line for a bad path, before the report
-    extra = [] if args.quiet else [ProgressReporter()]
-    if args.preview is not None:
-        from framepack.preview import PreviewWriter
-        from framepack.writing import check_output_path
-
-        if args.preview_every < 1:
-            raise UserError(f"--preview-every {args.preview_every}: must be 1 or more")
-        extra.append(PreviewWriter(check_output_path(args.preview), every=args.preview_every))
-    engine = assemble(profile, overrides, config_files, extra_plugins=extra)
-    if not args.quiet:
+    def report(engine) -> None:
         _eprint(f"hardware: {engine.hardware.summary()}")
         _eprint(f"profile: {engine.profile.name} ({engine.selection.why})")
         for choice in engine.choices.values():
             _eprint("  " + choice.explain())
-    jobdir = JobDir(job_dir) if job_dir is not None else None
-    result = generate(settings, engine, image, jobdir=jobdir, resume=resume, overrides=overrides,
-                      config_files=config_files, overwrite=args.overwrite, preview=args.preview,
-                      recompute_from=getattr(args, "recompute_from", None))
-    if args.json:
-        summary = {
-            "outputs": [str(p) for p in result.outputs],
-            "frames": result.frames,
-            "fps": 30,
-            "height": result.height,
-            "width": result.width,
-            "sections": result.sections,
-            "computed_steps": result.computed_steps,
-            "skipped_steps": result.skipped_steps,
-            "elapsed_s": round(result.elapsed_s, 3),
-            **{k: round(v, 3) for k, v in peak_memory_gb().items()},
-            "profile": engine.profile.name,
-            "backends": {f: c.name for f, c in engine.choices.items()},
-            "settings": settings.to_dict(),
-        }
-        print(json.dumps(summary, indent=2))
+
+    return Pipeline(profile=profile, overrides=overrides, config_files=config_files, keep_loaded="none",
+                    plugins=[] if args.quiet else [ProgressReporter()], on_engine=None if args.quiet else report)
+
+
+def cmd_generate(args) -> int:
+    settings = {name: getattr(args, dest) for dest, name in GENERATE_FLAGS.items() if getattr(args, dest) is not None}
+    if args.no_prompt_cache:
+        settings["prompt_cache"] = False
+    if args.from_ is None and (args.image is None or args.prompt is None):
+        missing = [f"--{k}" for k in ("image", "prompt") if getattr(args, k) is None]
+        raise UserError(f"{' and '.join(missing)} required (or --from a previous video or its .json)")
+    with _pipeline(args, args.profile, args.overrides, args.config_files) as pipe:
+        result = pipe.generate(from_=args.from_, job_dir=args.job_dir, preview=args.preview,
+                               preview_every=args.preview_every, overwrite=args.overwrite, **settings)
+        _print_summary(args, pipe, result)
     return 0
 
 
+def cmd_resume(args) -> int:
+    with _pipeline(args) as pipe:
+        result = pipe.resume(args.job_dir, preview=args.preview, preview_every=args.preview_every,
+                             overwrite=args.overwrite, recompute_from=args.recompute_from)
+        _print_summary(args, pipe, result)
+    return 0
+
+
+def _print_summary(args, pipe, result) -> None:
+    if not args.json:
+        return
+    engine = pipe.last_engine
+    summary = {
+        "outputs": [str(p) for p in result.outputs],
+        "frames": result.frames,
+        "fps": 30,
+        "height": result.height,
+        "width": result.width,
+        "sections": result.sections,
+        "computed_steps": result.computed_steps,
+        "skipped_steps": result.skipped_steps,
+        "elapsed_s": round(result.elapsed_s, 3),
+        "stage_s": result.stage_s,
+        "loaded": result.loaded,
+        "peak_ram_gb": round(result.peak_ram_gb, 3),
+        **({"peak_vram_gb": round(result.peak_vram_gb, 3)} if result.peak_vram_gb is not None else {}),
+        "profile": engine.profile.name,
+        "backends": {f: c.name for f, c in engine.choices.items()},
+        "settings": result.settings.to_dict(),
+    }
+    print(json.dumps(summary, indent=2))
+
+
 def cmd_profiles(args) -> int:
-    from framepack.config import apply_overrides, load_profiles, match_profile, select_profile
+    from framepack.engine.profiles import apply_overrides, load_profiles, match_profile, select_profile
     from framepack.hardware import detect_hardware
 
     hw = detect_hardware()
@@ -262,19 +230,25 @@ def cmd_profiles(args) -> int:
 
 
 def cmd_plugins(args) -> int:
-    from framepack.config import load_profiles
-    from framepack.hardware import detect_hardware
-    from framepack.plugins import build_plugin_manager, collect_backends
+    """Every backend per family, every entry-point plugin (listener-only ones too)
+    and the plugins that are broken, with how to turn them off. A broken
+    third-party plugin is listed, not fatal: this is where one finds out."""
     from framepack.backends import FAMILIES
+    from framepack.engine.plugin_manager import EVENT_HOOKS, build_plugin_manager, collect_backends
+    from framepack.engine.profiles import load_profiles
+    from framepack.hardware import detect_hardware
 
     hw = detect_hardware()
-    loaded = build_plugin_manager(load_profiles().disabled_plugins)
-    registry = collect_backends(loaded)
+    loaded = build_plugin_manager(load_profiles().disabled_plugins, strict=False)
+    registry = collect_backends(loaded, strict=False)
     families = {}
     for family in FAMILIES:
         entries = []
         for reg in registry.items(family):
-            reason = reg.backend.unavailable_reason(hw)
+            try:
+                reason = reg.backend.unavailable_reason(hw)
+            except Exception as exc:  # the plugin's bug; a job would stop on it
+                reason = f"its unavailable_reason raised {type(exc).__name__}: {exc}"
             source = loaded.sources.get(reg.plugin)
             entries.append({
                 "name": reg.backend.name, "plugin": reg.plugin,
@@ -282,8 +256,17 @@ def cmd_plugins(args) -> int:
                 "available": reason is None, "reason": reason, "description": reg.backend.description,
             })
         families[family] = entries
+    plugins = []
+    for name, source in loaded.sources.items():
+        callers = loaded.manager.get_hookcallers(loaded.manager.get_plugin(name)) or []
+        plugins.append({
+            "name": name, "source": source.describe(), "builtin": source.builtin,
+            "events": [c.name for c in callers if c.name in EVENT_HOOKS],
+            "backends": [f"{r.backend.family}/{r.backend.name}" for r in registry.of_plugin(name)],
+        })
     if args.json:
-        print(json.dumps({"hardware": hw.__dict__, "families": families, "skipped_plugins": loaded.skipped}, indent=2, default=list))
+        print(json.dumps({"hardware": hw.__dict__, "families": families, "plugins": plugins,
+                          "broken_plugins": loaded.broken, "skipped_plugins": loaded.skipped}, indent=2, default=list))
         return 0
     print(f"this machine: {hw.summary()}\n")
     for family, entries in families.items():
@@ -292,13 +275,23 @@ def cmd_plugins(args) -> int:
             state = "ok" if e["available"] else f"cannot run here: {e['reason']}"
             print(f"  {e['name']:<16} {state:<28} {e['description']}")
             print(f"  {'':<16} {e['source']}")
+    listeners = [p for p in plugins if p["events"] or not p["backends"]]
+    if listeners:
+        print("event listeners:")
+        for p in listeners:
+            print(f"  {p['name']:<16} {', '.join(p['events']) or 'implements no framepack hook'}")
+            print(f"  {'':<16} {p['source']}")
+    if loaded.broken:
+        print("broken plugins (not loaded; a job stops with this error until it is fixed or turned off):")
+        for name, why in loaded.broken.items():
+            print(f"  {name:<16} {why}")
     for name, why in loaded.skipped.items():
         print(f"skipped plugin {name}: {why}")
     return 0
 
 
 def cmd_info(args) -> int:
-    from framepack.metadata import format_metadata, read_metadata
+    from framepack.output.metadata import format_metadata, read_metadata
 
     record = read_metadata(args.path)
     print(json.dumps(record, indent=2, sort_keys=True) if args.json else format_metadata(record))
@@ -306,7 +299,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_cache(args) -> int:
-    from framepack.prompt_cache import PromptCache
+    from framepack.models.prompt_cache import PromptCache
 
     cache = PromptCache()
     if args.action == "clear":
@@ -320,7 +313,7 @@ def cmd_cache(args) -> int:
 
 
 def cmd_make_tiny_model(args) -> int:
-    from framepack.tiny_model import make_tiny_model
+    from framepack.models.tiny import make_tiny_model
 
     try:
         path = make_tiny_model(args.dir, seed=args.seed)
@@ -331,7 +324,7 @@ def cmd_make_tiny_model(args) -> int:
 
 
 def cmd_make_full_model(args) -> int:
-    from framepack.full_model import PARTS, make_full_size_model
+    from framepack.models.full import PARTS, make_full_size_model
 
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = sorted(set(parts) - set(PARTS))
@@ -349,9 +342,9 @@ def cmd_make_full_model(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from framepack.calibrate import run_calibration
-    from framepack.job import JobSettings, parse_size
-    from framepack.progress import ProgressReporter
+    from framepack.pipeline.calibrate import run_calibration
+    from framepack.pipeline.settings import JobSettings, parse_size
+    from framepack.output.progress import ProgressReporter
 
     output = args.output or Path(f"calibration_{args.cache}_{args.variant}_{args.steps}steps.json")
     settings = JobSettings(
@@ -408,7 +401,7 @@ def _os_error_message(exc: OSError) -> tuple[str, int]:
     """A failure of the machine or the file system the user can act on, or None for a bug."""
     where = f" {exc.filename}" if exc.filename else ""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        from framepack.jobdir import free_bytes
+        from framepack.output.jobdir import free_bytes
 
         free = free_bytes(Path(exc.filename)) / 1e6 if exc.filename else float("nan")
         return f"the disk is full (writing{where}; {free:.0f} MB free); free some space and try again", 1
@@ -424,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         with sigterm_as_interrupt():
             return COMMANDS[args.command](args)
     except FramepackError as exc:
-        from framepack.generate import Interrupted
+        from framepack.pipeline.generate import Interrupted
 
         _eprint(f"framepack: {exc}" if isinstance(exc, Interrupted) else f"framepack: error: {exc}")
         return exc.exit_code
@@ -437,13 +430,22 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except OSError as exc:
         message, code = _os_error_message(exc)
-        if not code:
-            _eprint(traceback.format_exc().rstrip())
-            _eprint("framepack: internal error (a bug; please report it with the traceback above)")
-            return 1
-        _eprint(f"framepack: error: {message}")
-        return code
-    except Exception:
-        _eprint(traceback.format_exc().rstrip())
-        _eprint("framepack: internal error (a bug; please report it with the traceback above)")
-        return 1
+        if code:
+            _eprint(f"framepack: error: {message}")
+            return code
+        return _unexpected(exc)
+    except Exception as exc:
+        return _unexpected(exc)
+
+
+def _unexpected(exc: BaseException) -> int:
+    """A third-party plugin's failure names the plugin; anything else is our bug."""
+    from framepack.engine.plugin_manager import blame
+
+    error = blame(exc)
+    if error is not None:
+        _eprint(f"framepack: error: {error}")
+        return error.exit_code
+    _eprint(traceback.format_exc().rstrip())
+    _eprint("framepack: internal error (a bug; please report it with the traceback above)")
+    return 1

@@ -30,3 +30,15 @@ class PluginError(FramepackError):
 class DiskFull(FramepackError):
     """The disk filled up, or would (exit 1): the message says how much space is needed
     and what was kept."""
+
+
+class Cancelled(FramepackError):
+    """A job stopped on request (``cancel`` set, Ctrl-C, SIGTERM) at a step boundary.
+
+    ``job_dir`` is its job folder: the checkpoint of the last finished section
+    and a playable partial video are there, and ``Pipeline.resume(job_dir)``
+    (``framepack resume``) continues it. None when no section had finished."""
+
+    def __init__(self, message: str, job_dir=None) -> None:
+        super().__init__(message)
+        self.job_dir = job_dir

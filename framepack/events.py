@@ -10,7 +10,7 @@ import torch
 
 @dataclass(frozen=True)
 class JobStart:
-    settings: Any  # framepack.job.JobSettings
+    settings: Any  # framepack.pipeline.settings.JobSettings
     profile: str
     backends: dict[str, str]  # family -> backend name
     sections: int

@@ -136,6 +136,55 @@ def peak_memory_gb() -> dict[str, float]:
     return peaks
 
 
+class PeakMemory:
+    """Peak RSS (and VRAM on CUDA) while the block runs, for one job of many in
+    a process: ru_maxrss only ever grows, so RSS is sampled by a thread
+    (every ``interval`` s) and CUDA's peak counters are reset on entry."""
+
+    def __init__(self, interval: float = 0.02) -> None:
+        self.interval = interval
+        self.peak_ram_gb = 0.0
+        self.peak_vram_gb: float | None = None
+
+    @staticmethod
+    def rss_bytes() -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:  # not Linux: the lifetime peak is the best there is
+            import resource
+
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def __enter__(self) -> "PeakMemory":
+        import threading
+
+        import torch
+
+        self._cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        if self._cuda:
+            torch.cuda.reset_peak_memory_stats()
+        self._peak = self.rss_bytes()
+        self._stop = threading.Event()
+
+        def sample() -> None:
+            while not self._stop.wait(self.interval):
+                self._peak = max(self._peak, self.rss_bytes())
+
+        self._thread = threading.Thread(target=sample, name="framepack-peak-rss", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import torch
+
+        self._stop.set()
+        self._thread.join()
+        self.peak_ram_gb = max(self._peak, self.rss_bytes()) / GIB
+        if self._cuda or (torch.cuda.is_available() and torch.cuda.is_initialized()):
+            self.peak_vram_gb = torch.cuda.max_memory_allocated() / GIB
+
+
 def hardware_from_dict(data: dict, where: str = "FRAMEPACK_HARDWARE") -> HardwareInfo:
     fields = {f.name for f in dataclasses.fields(HardwareInfo)} - {"simulated"}
     unknown = set(data) - fields

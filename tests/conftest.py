@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from framepack.tiny_model import make_tiny_model
+from framepack.models.tiny import make_tiny_model
 
 
 @pytest.fixture(autouse=True)

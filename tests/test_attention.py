@@ -9,7 +9,7 @@ import torch
 from diffusers import HunyuanVideoFramepackTransformer3DModel
 from diffusers.models.attention_processor import Attention
 
-from framepack.attention import install_attention
+from framepack.attention.processors import install_attention
 from framepack_plugins.attention.sdpa import sdpa_kernel
 
 
@@ -74,7 +74,7 @@ def test_kernel_reaches_every_attention_module_including_the_refiner(transformer
 
 
 def test_bf16_transformer_keeps_only_proj_out_in_fp32(tiny_model):
-    from framepack.transformer import keep_output_head_fp32
+    from framepack.pipeline.transformer import keep_output_head_fp32
 
     model = HunyuanVideoFramepackTransformer3DModel.from_pretrained(
         tiny_model, subfolder="transformer", torch_dtype=torch.bfloat16

@@ -361,8 +361,8 @@ def test_benchmark_sequence_length_is_what_the_transformer_attends_over(tiny_mod
 
     from diffusers import HunyuanVideoFramepackTransformer3DModel
 
-    from framepack.attention import install_attention
-    from framepack.sections import f1_layout
+    from framepack.attention.processors import install_attention
+    from framepack.pipeline.sections import f1_layout
 
     spec = importlib.util.spec_from_file_location("attention_bench", Path(__file__).parents[1] / "benchmarks" / "attention_bench.py")
     bench = importlib.util.module_from_spec(spec)

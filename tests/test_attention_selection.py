@@ -8,10 +8,10 @@ import pytest
 import torch
 from diffusers import HunyuanVideoFramepackTransformer3DModel
 
-from framepack.assemble import assemble
-from framepack.attention import install_attention
-from framepack.attention_check import clear_cache, self_check
-from framepack.attention_masks import MaskedAttention, MaskPatternError
+from framepack.engine.assemble import assemble
+from framepack.attention.processors import install_attention
+from framepack.attention.check import clear_cache, self_check
+from framepack.attention.masks import MaskedAttention, MaskPatternError
 from framepack.backends import AttentionBackend
 from framepack.errors import ConfigError
 from framepack.hardware import HardwareInfo

@@ -16,14 +16,14 @@ import numpy as np
 import pytest
 import torch
 
-from framepack.assemble import assemble
+from framepack.engine.assemble import assemble
 from framepack.backends import CacheBackend
 from framepack.errors import ConfigError
-from framepack.generate import generate
+from framepack.pipeline.generate import generate
 from framepack.hardware import HardwareInfo
 from framepack.hookspecs import hookimpl
-from framepack.job import JobSettings
-from framepack.stepcache import CacheCounts
+from framepack.pipeline.settings import JobSettings
+from framepack.caching.stepcache import CacheCounts
 
 CPU = HardwareInfo(device="cpu", ram_total_gb=16, ram_available_gb=16)
 SIZE = (32, 32)  # 4x4 latents: the VAE decode, not the transformer, dominates the run time
@@ -309,7 +309,7 @@ def test_first_block_cache_matches_diffusers_hook(tiny_model, test_image, tmp_pa
     the same output at every call."""
     from diffusers.hooks import FirstBlockCacheConfig
 
-    from framepack.transformer import forward_velocity
+    from framepack.pipeline.transformer import forward_velocity
 
     class Keep(ReferencePattern):
         def __call__(self, forward, **kw):
@@ -367,7 +367,7 @@ def test_missing_calibration_file_names_the_path(tmp_path):
 def test_gate_keeps_the_blocks_and_can_be_removed(tiny_model):
     from diffusers import HunyuanVideoFramepackTransformer3DModel
 
-    from framepack.blockcache import CachedBlocks, install_block_gate, remove_block_gate
+    from framepack.caching.blockcache import CachedBlocks, install_block_gate, remove_block_gate
 
     t = HunyuanVideoFramepackTransformer3DModel.from_pretrained(tiny_model, subfolder="transformer")
     before = dict(t.state_dict())
@@ -389,7 +389,7 @@ def test_gate_keeps_the_blocks_and_can_be_removed(tiny_model):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (a second device to move weights to)")
 def test_weights_on_gives_offloaded_weights_a_temporary_copy():
-    from framepack.blockcache import weights_on
+    from framepack.caching.blockcache import weights_on
 
     layer = torch.nn.Linear(4, 4)
     weight, data = layer.weight, layer.weight.data
@@ -401,7 +401,7 @@ def test_weights_on_gives_offloaded_weights_a_temporary_copy():
 
 
 def test_weights_on_leaves_weights_already_on_the_device_alone():
-    from framepack.blockcache import weights_on
+    from framepack.caching.blockcache import weights_on
 
     layer = torch.nn.Linear(4, 4)
     data = layer.weight.data

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from framepack.calibration import fit_polynomial, interpolate_ratios, load_calibration
+from framepack.caching.calibration import fit_polynomial, interpolate_ratios, load_calibration
 from framepack.cli import main
 from framepack.errors import ConfigError
-from framepack.job import JobSettings
+from framepack.pipeline.settings import JobSettings
 from tests.test_caches import (
     CPU,
     SPEC_COEFFICIENTS,
@@ -57,7 +57,7 @@ def teacache_file(tiny_model, test_image, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def magcache_file(tiny_model, test_image, tmp_path_factory) -> Path:
-    from framepack.calibrate import run_calibration
+    from framepack.pipeline.calibrate import run_calibration
 
     path = tmp_path_factory.mktemp("calibrate") / "mag.json"
     settings = JobSettings(image=test_image, prompt=PROMPT, output=Path("unused.mp4"), model=str(tiny_model),

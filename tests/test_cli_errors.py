@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-import framepack.video
+import framepack.output.timeline
 from framepack.cli import main
-from framepack.inputs import MAX_PIXELS
+from framepack.pipeline.inputs import MAX_PIXELS
 
 ERROR_PREFIX = "framepack: error:"
 FAST = ["--size", "64x64", "--steps", "1", "--seconds", "1"]
@@ -296,7 +296,7 @@ def test_process_exit_code_for_usage_error(run_in_tmp, test_image):
 
 
 def test_failure_after_sampling_leaves_no_output(run_in_tmp, capsys, test_image, tiny_model, monkeypatch):
-    original_add = framepack.video.PixelTimeline.add
+    original_add = framepack.output.timeline.PixelTimeline.add
     calls = []
 
     def add_then_fail(self, pixels):
@@ -304,7 +304,7 @@ def test_failure_after_sampling_leaves_no_output(run_in_tmp, capsys, test_image,
         original_add(self, pixels)  # the section was sampled and decoded
         raise RuntimeError("simulated crash after the first section")
 
-    monkeypatch.setattr(framepack.video.PixelTimeline, "add", add_then_fail)
+    monkeypatch.setattr(framepack.output.timeline.PixelTimeline, "add", add_then_fail)
     rc = main(generate_args(test_image, "--model", str(tiny_model), "--profile", "cpu", "--variant", "f1", *FAST))
     err = capsys.readouterr().err
     assert rc == 1
@@ -320,7 +320,7 @@ def test_failure_while_finishing_the_file_leaves_no_output(run_in_tmp, capsys, t
     import os
     import types
 
-    import framepack.segments as segments
+    import framepack.output.segments as segments
 
     seen = []
 

@@ -14,7 +14,6 @@ standing in for a CPU without the SIMD this one has.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -25,7 +24,7 @@ import av
 import numpy as np
 import pytest
 
-from framepack.segments import VideoSegmentWriter, remux_join
+from framepack.output.segments import VideoSegmentWriter, remux_join
 
 # 128 rows are 8 macroblock rows: enough for x264 to cut two slices on two
 # CPUs, which is how the CPU count used to reach the bitstream.
@@ -187,7 +186,7 @@ def planes(yuv: np.ndarray, h: int, w: int) -> tuple[np.ndarray, np.ndarray, np.
 
 
 def test_conversion_is_the_bt709_limited_range_formula():
-    from framepack.segments import rgb_to_yuv420p
+    from framepack.output.segments import rgb_to_yuv420p
 
     img = colour_chart()
     y, cb, cr = planes(rgb_to_yuv420p(img), *img.shape[:2])
@@ -206,7 +205,7 @@ def test_conversion_is_the_bt709_limited_range_formula():
 def test_every_colour_stays_in_range():
     # All 2**24 colours through Y, and chroma blocks mixing them; the exact
     # integer arithmetic must not overflow anywhere (int32 inside).
-    from framepack.segments import rgb_to_yuv420p
+    from framepack.output.segments import rgb_to_yuv420p
 
     levels = np.arange(256, dtype=np.uint8)
     img = np.stack(np.meshgrid(levels, levels, levels, indexing="ij"), -1).reshape(4096, 4096, 3)

@@ -14,10 +14,10 @@ import torch
 
 from framepack.cli import main
 from framepack.errors import FramepackError
-from framepack.full_model import _meta_part, transformer_config, write_random_weights
-from framepack.lazy_load import checkpoint_files, load_into_meta_model
-from framepack.planning import KNOWN_PARAMS
-from framepack.transformer import _load_fp8
+from framepack.models.full import _meta_part, transformer_config, write_random_weights
+from framepack.models.lazy_load import checkpoint_files, load_into_meta_model
+from framepack.engine.planning import KNOWN_PARAMS
+from framepack.pipeline.transformer import _load_fp8
 
 
 def _params(module: torch.nn.Module) -> int:
@@ -89,7 +89,7 @@ def test_lazy_fp8_load_equals_load_then_cast(tiny_model, dtype):
     casting gives, double rounding (checkpoint -> dtype -> fp8) included."""
     from diffusers import HunyuanVideoFramepackTransformer3DModel as cls
 
-    from framepack.quantize import apply_fp8_storage
+    from framepack.models.quantize import apply_fp8_storage
 
     lazy = _load_fp8(cls, str(tiny_model), "transformer", dtype)
     eager = cls.from_pretrained(tiny_model, subfolder="transformer", torch_dtype=dtype)
@@ -148,8 +148,8 @@ def test_make_full_model_cli_refuses_bad_input(tmp_path, capsys):
 def test_known_counts_are_those_of_the_full_size_configs(tmp_path):
     """The planner's built-in counts (used for hub models whose configs are not on
     disk) must be what counting the full-size configs gives, per weight format."""
-    from framepack.models import ModelSource
-    from framepack.planning import count_params
+    from framepack.models.sources import ModelSource
+    from framepack.engine.planning import count_params
 
     for part in ("transformer", "text_encoder", "text_encoder_2", "image_encoder", "vae"):
         _, save_config, _ = _meta_part(part)
@@ -159,7 +159,7 @@ def test_known_counts_are_those_of_the_full_size_configs(tmp_path):
 
 
 def _quantized(fmt, tiny_model):
-    from framepack.quantize import quantized_parameter_names
+    from framepack.models.quantize import quantized_parameter_names
 
     return quantized_parameter_names(_tiny_meta_transformer(tiny_model), fmt)
 
@@ -191,7 +191,7 @@ def test_restore_output_head_puts_the_checkpoints_head_back(tiny_model):
     from diffusers import HunyuanVideoFramepackTransformer3DModel as cls
     from safetensors.torch import load_file
 
-    from framepack.quantize import restore_output_head
+    from framepack.models.quantize import restore_output_head
 
     model = cls.from_pretrained(tiny_model, subfolder="transformer", torch_dtype=torch.bfloat16)
     files = checkpoint_files(str(tiny_model), "transformer")
@@ -209,7 +209,7 @@ def test_release_free_heap_gives_pages_back_on_glibc():
     """A freed block in the middle of the heap stays in RSS until trimmed."""
     import platform
 
-    from framepack.heap import release_free_heap
+    from framepack.models.heap import release_free_heap
     from tests.test_length import anon_mb
 
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":

@@ -12,14 +12,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from framepack.assemble import assemble
+from framepack.engine.assemble import assemble
 from framepack.backends import CacheBackend
-from framepack.buckets import nearest_bucket
-from framepack.generate import generate
+from framepack.pipeline.buckets import nearest_bucket
+from framepack.pipeline.generate import generate
 from framepack.hardware import HardwareInfo
 from framepack.hookspecs import hookimpl
-from framepack.job import JobSettings
-from framepack.sections import inverted_paddings
+from framepack.pipeline.settings import JobSettings
+from framepack.pipeline.sections import inverted_paddings
 
 CPU = HardwareInfo(device="cpu", ram_total_gb=16, ram_available_gb=16)
 SIZE = (64, 64)
@@ -29,7 +29,7 @@ class RecordingCache:
     """A step cache that computes everything and keeps each call's inputs."""
 
     def __init__(self) -> None:
-        from framepack.stepcache import CacheCounts
+        from framepack.caching.stepcache import CacheCounts
 
         self.calls: list[dict] = []
         self.counts = CacheCounts()
@@ -39,7 +39,7 @@ class RecordingCache:
         pass
 
     def begin_section(self, steps: int) -> None:
-        from framepack.stepcache import CacheCounts
+        from framepack.caching.stepcache import CacheCounts
 
         self._section += 1
         self.counts = CacheCounts()

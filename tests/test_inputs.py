@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from framepack.inputs import load_image
+from framepack.pipeline.inputs import load_image
 
 RNG = np.random.default_rng(1234)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -288,9 +287,9 @@ def test_job_dir_that_is_a_file(tiny_model, test_image, run_in_tmp, capsys):
 
 
 def test_a_full_disk_before_the_job_is_refused_up_front(tiny_model, test_image, run_in_tmp, capsys, monkeypatch):
-    import framepack.generate
+    import framepack.pipeline.generate
 
-    monkeypatch.setattr(framepack.generate, "free_bytes", lambda path: 1000)
+    monkeypatch.setattr(framepack.pipeline.generate, "free_bytes", lambda path: 1000)
     assert main(fast_args(tiny_model, test_image, "out.mp4")) == 1
     line = one_error_line(capsys.readouterr().err)
     assert "not enough disk space" in line and "MB are free" in line
@@ -300,7 +299,7 @@ def test_a_full_disk_before_the_job_is_refused_up_front(tiny_model, test_image, 
 def test_a_disk_that_fills_mid_job_keeps_the_checkpoint(tiny_model, test_image, run_in_tmp, capsys, monkeypatch):
     import errno
 
-    from framepack.jobdir import JobDir
+    from framepack.output.jobdir import JobDir
 
     real = JobDir.save_section_latents
 
@@ -352,10 +351,10 @@ def test_crafted_metadata_inside_a_video(run_in_tmp, capsys):
 def test_make_full_model_on_a_full_disk(run_in_tmp, capsys, monkeypatch):
     import collections
 
-    import framepack.full_model
+    import framepack.models.full
 
     usage = collections.namedtuple("usage", "total used free")
-    monkeypatch.setattr(framepack.full_model.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 10**6, 10**6))
+    monkeypatch.setattr(framepack.models.full.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 10**6, 10**6))
     assert main(["make-full-model", "full", "--parts", "text_encoder_2"]) == 1
     line = one_error_line(capsys.readouterr().err)
     assert "needs 0.2 GB" in line and "0.0 GB are free" in line

@@ -25,7 +25,7 @@ def test_memory_flat_and_writer_time_linear(tiny_model, test_image, tmp_path):
     assert long["frames"] == 36 * 10 + 1
     # The goal (benchmarks/results/length-cpu.json has 60 s against 5 s): a longer
     # video's peak RSS within 5 % of a 5-second one's. Each runs in a fresh process
-    # and with the heap kept from drifting (framepack.heap) the peaks differ by a
+    # and with the heap kept from drifting (framepack.models.heap) the peaks differ by a
     # few MB (about 545 MB each); the CPU load does not move them.
     assert long["peak_rss_mb"] <= 1.05 * short["peak_rss_mb"], (short, long)
     # Writing 2.5 times the video costs about 2.5 times as long, not 6 times.
@@ -44,7 +44,7 @@ def anon_mb() -> float:
 # which made the measurement depend on test order.
 _NO_HOLES = """
 import torch
-from framepack.heap import fixed_mmap_threshold
+from framepack.models.heap import fixed_mmap_threshold
 from tests.test_length import anon_mb
 
 big = torch.empty(20 * 2**20, dtype=torch.uint8)
@@ -60,7 +60,7 @@ with fixed_mmap_threshold() as fixed:
 
 def test_loop_buffers_leave_no_heap_holes_on_glibc():
     """Inside the section loop's heap setting a freed 2 MB block goes back to the
-    OS at once, even after the threshold has grown (framepack.heap)."""
+    OS at once, even after the threshold has grown (framepack.models.heap)."""
     import os
     import platform
     import subprocess

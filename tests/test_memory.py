@@ -9,7 +9,7 @@ import torch
 from transformers import LlamaConfig, LlamaModel
 
 from framepack.errors import UserError
-from framepack.models import ModelSource
+from framepack.models.sources import ModelSource
 from framepack_plugins.encoders import hunyuan_text
 from framepack_plugins.offload.dynamic_swap import install_dynamic_swap
 from tests.test_generate import run
@@ -34,7 +34,7 @@ def test_encoders_are_gone_before_the_transformer_loads(tiny_model, test_image, 
     import gc
     import weakref
 
-    import framepack.generate as gen
+    import framepack.pipeline.generate as gen
     from framepack_plugins.encoders import hunyuan_text, siglip
 
     alive, seen = [], {}
@@ -128,10 +128,10 @@ def test_nf4_llama_quantizes_and_stays_close(wide_llama_model):
 @needs_cuda
 @pytest.mark.parametrize("policy", ["model_swap", "dynamic_swap", "sequential", "stream_prefetch"])
 def test_policies_match_resident_on_cuda(policy, tiny_model, test_image, tmp_path):
-    from framepack.assemble import assemble
-    from framepack.generate import generate
+    from framepack.engine.assemble import assemble
+    from framepack.pipeline.generate import generate
     from framepack.hardware import detect_hardware
-    from framepack.job import JobSettings
+    from framepack.pipeline.settings import JobSettings
 
     def go(overrides):
         engine = assemble(profile_name="cpu", overrides=["dtype.transformer=float32", *overrides],

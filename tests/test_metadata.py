@@ -12,19 +12,18 @@ import torch
 
 from framepack import __version__
 from framepack.errors import UserError
-from framepack.job import JobSettings
-from framepack.metadata import (
+from framepack.pipeline.settings import JobSettings, settings_from_metadata
+from framepack.output.metadata import (
     FORMAT,
     build_metadata,
     container_tags,
     format_metadata,
     model_info,
     read_metadata,
-    settings_from_metadata,
     sidecar_path,
     write_sidecar,
 )
-from framepack.models import ModelSource
+from framepack.models.sources import ModelSource
 
 W, H, FPS = 64, 48, 30
 

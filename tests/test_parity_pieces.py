@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from framepack.buckets import BUCKETS_640, bucket_table, nearest_bucket, resize_and_center_crop
-from framepack.sections import (
-    crossfade_weights,
+from framepack.pipeline.buckets import BUCKETS_640, bucket_table, nearest_bucket, resize_and_center_crop
+from framepack.output.timeline import crossfade_weights
+from framepack.pipeline.sections import (
     f1_layout,
     inverted_layout,
     inverted_paddings,

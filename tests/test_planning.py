@@ -7,11 +7,11 @@ import json
 import pytest
 
 from framepack.cli import main
-from framepack.config import load_profiles
+from framepack.engine.profiles import load_profiles
 from framepack.errors import UserError
 from framepack.hardware import HardwareInfo
-from framepack.planning import KNOWN_PARAMS, Plan, check_fits, count_params, estimate, packed_tokens
-from framepack.models import ModelSource
+from framepack.engine.planning import KNOWN_PARAMS, Plan, check_fits, count_params, estimate, packed_tokens
+from framepack.models.sources import ModelSource
 
 GIB = 1024**3
 
@@ -78,12 +78,12 @@ def test_a_6gb_laptop_is_refused_resident_and_told_what_fits(profiles):
 def test_the_cli_refuses_before_loading_anything(monkeypatch, capsys, test_image, tmp_path, tiny_model):
     # A simulated 6 GB card with the everything-resident profile, at the full
     # model's size: the tiny folder's configs are swapped for the real counts.
-    monkeypatch.setattr("framepack.planning.count_params", lambda source: dict(KNOWN_PARAMS))
+    monkeypatch.setattr("framepack.engine.planning.count_params", lambda source: dict(KNOWN_PARAMS))
     monkeypatch.setenv("FRAMEPACK_HARDWARE", json.dumps(
         {"device": "cuda", "gpu_name": "RTX 3060 Laptop", "compute_capability": "8.6", "vram_total_gb": 5.8,
          "ram_total_gb": 64}))
     loads = []
-    monkeypatch.setattr("framepack.transformer.load_transformer", lambda *a, **k: loads.append(1))
+    monkeypatch.setattr("framepack.pipeline.transformer.load_transformer", lambda *a, **k: loads.append(1))
     rc = main(["generate", "--image", str(test_image), "--prompt", "x", "--model", str(tiny_model),
                "--profile", "cuda-80gb", "--output", str(tmp_path / "o.mp4"), "--quiet"])
     err = capsys.readouterr().err

@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from framepack.events import StepEvent
-from framepack.plugins import build_plugin_manager
-from framepack.preview import LATENT_RGB_BIAS, LATENT_RGB_FACTORS, PreviewWriter, latent_to_rgb
+from framepack.engine.plugin_manager import build_plugin_manager
+from framepack.output.preview import LATENT_RGB_BIAS, LATENT_RGB_FACTORS, PreviewWriter, latent_to_rgb
 
 
 def original_fake_decode(latents: torch.Tensor) -> torch.Tensor:

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from framepack.assemble import assemble
+from framepack.engine.assemble import assemble
 from framepack.cli import main
-from framepack.config import SHIPPED, apply_overrides, load_profiles, match_profile, select_profile
+from framepack.engine.profiles import SHIPPED, apply_overrides, load_profiles, match_profile, select_profile
 from framepack.errors import ConfigError, UserError
 from framepack.hardware import HardwareInfo, detect_hardware, device_present, limit_fraction
 
@@ -140,7 +140,7 @@ def test_low_ram_machines_with_mid_cards_get_smaller_weights(shipped, vram, ram,
 def test_the_selected_profile_fits_the_machine_by_the_planners_estimate(shipped, vram, ram, seconds):
     """Cards up to 32 GB on machines with 16-64 GB of RAM: whatever profile is
     picked, its first offload policy's plan for 640x608 fits VRAM and RAM."""
-    from framepack.planning import KNOWN_PARAMS, estimate
+    from framepack.engine.planning import KNOWN_PARAMS, estimate
 
     hw = cuda(vram, ram=ram)
     profile = select_profile(shipped, hw).profile

@@ -11,7 +11,7 @@ import re
 from types import SimpleNamespace
 
 from framepack.events import JobEnd, JobStart, SectionEvent, StepEvent
-from framepack.progress import ProgressReporter
+from framepack.output.progress import ProgressReporter
 
 SECTIONS, STEPS = 3, 4
 LOAD_S, STEP_S, DECODE_S = 10.0, 1.0, 6.0  # each section: 4 s of steps, then 6 s of decode and write

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from framepack.prompt_cache import PromptCache, cache_dir
+from framepack.models.prompt_cache import PromptCache, cache_dir
 from framepack_plugins.encoders import hunyuan_text
 from tests.test_generate import run
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from framepack.models import ModelSource
+from framepack.models.sources import ModelSource
 from framepack_plugins.encoders import hunyuan_text
 
 

@@ -2,7 +2,7 @@
 uninterrupted run gives: the same latents and the same frames.
 
 Frames are compared through the lossless png writer and through the mp4,
-whose encoding is deterministic (framepack.segments): a resumed job's mp4
+whose encoding is deterministic (framepack.output.segments): a resumed job's mp4
 decodes to exactly the frames of an uninterrupted one."""
 
 from __future__ import annotations

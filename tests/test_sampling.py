@@ -1,4 +1,4 @@
-"""Tests for framepack.sampling: schedule, CFG wrapper and the UniPC sampler.
+"""Tests for framepack.pipeline.sampling: schedule, CFG wrapper and the UniPC sampler.
 
 The UniPC references are closed-form solutions of the flow-matching ODE
 dx/dsigma = (x - x0(x, sigma)) / sigma for models whose x0 is known analytically.
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from framepack.sampling import (
+from framepack.pipeline.sampling import (
     flux_mu,
     flux_sigmas,
     make_x0_model,

@@ -17,7 +17,7 @@ from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PRO
 from PIL import Image
 from transformers import AutoTokenizer, CLIPTextModel, LlamaModel, SiglipImageProcessor, SiglipVisionModel
 
-from framepack.tiny_model import HIDDEN_SIZE, LLAMA_CROP_START, make_tiny_model
+from framepack.models.tiny import HIDDEN_SIZE, LLAMA_CROP_START, make_tiny_model
 
 PARTS = {
     "transformer",
@@ -291,7 +291,7 @@ def test_refuses_non_empty_dest(tmp_path: pathlib.Path) -> None:
 
 
 def test_failed_build_leaves_nothing_behind(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import framepack.tiny_model as tiny_model
+    import framepack.models.tiny as tiny_model
 
     def broken_vae():
         raise RuntimeError("simulated failure while building the VAE")

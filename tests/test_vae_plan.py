@@ -11,23 +11,23 @@ from pathlib import Path
 
 import pytest
 
-from framepack.config import load_profiles
+from framepack.engine.profiles import load_profiles
 from framepack.errors import UserError
 from framepack.hardware import HardwareInfo
-from framepack.models import ModelSource
-from framepack.planning import KNOWN_PARAMS, GIB, check_fits, count_params, estimate, vae_geometry
-from framepack.vae_memory import VaeGeometry
+from framepack.models.sources import ModelSource
+from framepack.engine.planning import KNOWN_PARAMS, GIB, check_fits, count_params, estimate, vae_geometry
+from framepack.engine.vae_memory import VaeGeometry
 
 ROOT = Path(__file__).resolve().parent.parent
 
 # Decodes through the engine's VAE backend in a fresh process (the test's own heap
 # would blur the numbers). Peak = RSS high-water mark during the decode (reset via
 # /proc/self/clear_refs) minus RSS before it, with the heap trimmed first and the
-# mmap threshold fixed as the section loop fixes it (framepack.heap).
+# mmap threshold fixed as the section loop fixes it (framepack.models.heap).
 WORKER = r"""
 import gc, json, sys, torch
-from framepack.heap import fixed_mmap_threshold, release_free_heap
-from framepack.models import ModelSource
+from framepack.models.heap import fixed_mmap_threshold, release_free_heap
+from framepack.models.sources import ModelSource
 from plugins.encoders.hunyuan_vae import load
 
 def status(key):

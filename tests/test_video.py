@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from framepack.video import PixelTimeline, to_uint8_frames
+from framepack.output.timeline import PixelTimeline, to_uint8_frames
 
 OV = 33
 

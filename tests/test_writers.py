@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from framepack.errors import ConfigError, FramepackError
-from framepack.plugins import build_plugin_manager, collect_backends
-from framepack.segments import count_frames, remux_join
+from framepack.engine.plugin_manager import build_plugin_manager, collect_backends
+from framepack.output.segments import count_frames, remux_join
 
 W, H, FPS = 64, 48, 30
 WRITER_MODULES = {name: f"framepack_plugins.writers.{name}" for name in ("mp4", "webm", "png", "latents")}
@@ -317,7 +317,7 @@ def test_latents_round_trip(tmp_path):
 @pytest.mark.parametrize("name", ["mp4", "png"])
 def test_segments_made_end_first_join_in_playback_order(name, tmp_path):
     # The inverted model makes the end of the video first: segment ids are
-    # generation order, the join gets them reversed (framepack.outputs).
+    # generation order, the join gets them reversed (framepack.output.outputs).
     backend = backends()[name]
     playback = [clip(3, 0), clip(5, 1), clip(2, 2)]
     generated = playback[::-1]

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from framepack.backends import AttentionBackend
 from framepack.hardware import HardwareInfo
 from framepack.hookspecs import hookimpl
-from framepack.kernel_support import cuda_reason
+from framepack.attention.support import cuda_reason
 
 NAME = "cudnn"
 
@@ -42,7 +42,7 @@ def make_kernel(options):
 
     def cudnn_kernel(query, key, value, attn_mask):  # (B, L, H, D) in and out
         if attn_mask is not None:
-            raise ValueError(f"attention backend '{NAME}' cannot mask; call it through framepack.attention.build_attention")
+            raise ValueError(f"attention backend '{NAME}' cannot mask; call it through framepack.attention.processors.build_attention")
         if query.dtype not in (torch.float16, torch.bfloat16):
             raise ValueError(
                 f"attention backend '{NAME}' needs float16 or bfloat16 inputs, got {query.dtype} "

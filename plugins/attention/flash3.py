@@ -19,7 +19,7 @@ from framepack.backends import AttentionBackend
 from framepack.errors import PluginError
 from framepack.hardware import HardwareInfo
 from framepack.hookspecs import hookimpl
-from framepack.kernel_support import check_unmasked_half, cuda_reason, dist_version, missing_module
+from framepack.attention.support import check_unmasked_half, cuda_reason, dist_version, missing_module
 
 NAME = "flash3"
 INSTALL = "build FlashAttention 3: `cd hopper && pip install .` in a clone of github.com/Dao-AILab/flash-attention"

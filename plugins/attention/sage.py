@@ -18,7 +18,7 @@ from framepack.backends import AttentionBackend
 from framepack.errors import PluginError
 from framepack.hardware import HardwareInfo
 from framepack.hookspecs import hookimpl
-from framepack.kernel_support import check_unmasked_half, cuda_reason, dist_version, missing_module
+from framepack.attention.support import check_unmasked_half, cuda_reason, dist_version, missing_module
 
 NAME = "sage"
 INSTALL = "pip install framepack[sage]"

@@ -14,7 +14,7 @@ from framepack.backends import AttentionBackend
 from framepack.errors import PluginError
 from framepack.hardware import HardwareInfo
 from framepack.hookspecs import hookimpl
-from framepack.kernel_support import cuda_reason, dist_version, missing_module
+from framepack.attention.support import cuda_reason, dist_version, missing_module
 
 NAME = "xformers"
 INSTALL = "pip install framepack[xformers]"
@@ -42,7 +42,7 @@ def make_kernel(options):
 
     def xformers_kernel(query, key, value, attn_mask):  # (B, L, H, D) in and out
         if attn_mask is not None:
-            raise ValueError(f"attention backend '{NAME}' cannot mask; call it through framepack.attention.build_attention")
+            raise ValueError(f"attention backend '{NAME}' cannot mask; call it through framepack.attention.processors.build_attention")
         return attention(query, key, value)
 
     return xformers_kernel

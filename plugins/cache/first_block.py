@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from framepack.backends import CacheBackend
-from framepack.blockcache import BlockCache, BlockCall, rel_l1
+from framepack.caching.blockcache import BlockCache, BlockCall, rel_l1
 from framepack.errors import ConfigError
 from framepack.hookspecs import hookimpl
 

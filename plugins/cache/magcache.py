@@ -16,7 +16,7 @@ per section:
 
 The ratios come from a calibration file (``framepack calibrate --cache
 magcache``) or the ``mag_ratios`` option; a different step count is
-interpolated (framepack.calibration.interpolate_ratios). The comparison is
+interpolated (framepack.caching.calibration.interpolate_ratios). The comparison is
 strict, as in MagCache's own code, so threshold 0 never skips.
 """
 
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from framepack.backends import CacheBackend
-from framepack.blockcache import BlockCache
+from framepack.caching.blockcache import BlockCache
 from framepack.errors import ConfigError
 from framepack.hookspecs import hookimpl
 
@@ -66,7 +66,7 @@ class MagCacheOptions:
                 "(e.g. --set options.magcache.calibration=PATH), or give mag_ratios"
             )
         if self.calibration:
-            from framepack.calibration import load_calibration
+            from framepack.caching.calibration import load_calibration
 
             load_calibration(self.calibration, "magcache")  # fail at assembly, not after the models load
 
@@ -89,7 +89,7 @@ class MagCache(BlockCache):
 
     def bind(self, transformer) -> None:
         if self.fingerprint:
-            from framepack.calibration import warn_if_other_model
+            from framepack.caching.calibration import warn_if_other_model
 
             warn_if_other_model(transformer, self.fingerprint, "magcache")
         super().bind(transformer)
@@ -99,7 +99,7 @@ class MagCache(BlockCache):
         has only the positive branch; the negative one then uses it too)."""
         key = (branch, steps)
         if key not in self._per_steps:
-            from framepack.calibration import interpolate_ratios
+            from framepack.caching.calibration import interpolate_ratios
 
             self._per_steps[key] = interpolate_ratios(self.ratios.get(branch, self.ratios["positive"]), steps)
         return self._per_steps[key]
@@ -128,7 +128,7 @@ class MagCache(BlockCache):
 def make_cache(options: MagCacheOptions) -> MagCache:
     if options.mag_ratios:
         return MagCache(options, {"positive": list(options.mag_ratios)})
-    from framepack.calibration import load_calibration
+    from framepack.caching.calibration import load_calibration
 
     payload = load_calibration(options.calibration, "magcache")
     ratios = {b: [float(v) for v in r] for b, r in payload["data"]["ratios"].items()}

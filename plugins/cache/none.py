@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from framepack.backends import CacheBackend
 from framepack.hookspecs import hookimpl
-from framepack.stepcache import CacheCounts
+from framepack.caching.stepcache import CacheCounts
 
 
 class NoCache:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from framepack.backends import CacheBackend
-from framepack.blockcache import BlockCache, rel_l1, weights_on
+from framepack.caching.blockcache import BlockCache, rel_l1, weights_on
 from framepack.errors import ConfigError
 from framepack.hookspecs import hookimpl
 
@@ -57,7 +57,7 @@ class TeaCacheOptions:
         if self.calibration:
             if self.coefficients != HUNYUAN_COEFFICIENTS:
                 raise ConfigError(f"{where}: give either coefficients or calibration, not both")
-            from framepack.calibration import load_calibration
+            from framepack.caching.calibration import load_calibration
 
             load_calibration(self.calibration, "teacache")  # fail at assembly, not after the models load
 
@@ -86,7 +86,7 @@ class TeaCache(BlockCache):
 
     def bind(self, transformer) -> None:
         if self.fingerprint:
-            from framepack.calibration import warn_if_other_model
+            from framepack.caching.calibration import warn_if_other_model
 
             warn_if_other_model(transformer, self.fingerprint, "teacache")
         super().bind(transformer)
@@ -117,7 +117,7 @@ class TeaCache(BlockCache):
 def make_cache(options: TeaCacheOptions) -> TeaCache:
     if not options.calibration:
         return TeaCache(options.rel_l1_thresh, options.coefficients)
-    from framepack.calibration import load_calibration
+    from framepack.caching.calibration import load_calibration
 
     payload = load_calibration(options.calibration, "teacache")
     fitted = tuple(float(v) for v in payload["data"]["coefficients"])

@@ -13,7 +13,7 @@ import torch
 from framepack.backends import EncoderBackend
 from framepack.hookspecs import hookimpl
 from framepack.notes import note
-from framepack.offload import module_device
+from framepack.engine.offload import module_device
 
 LLAMA_MAX_TOKENS = 256
 CLIP_MAX_TOKENS = 77
@@ -77,7 +77,7 @@ def _note(encoder: str, length: int, takes: int) -> None:
 def load(source, options, dtype: torch.dtype, quantize: str = "none") -> HunyuanTextEncoder:
     from transformers import AutoTokenizer, CLIPTextModel, LlamaModel
 
-    from framepack.quantize import text_quantization_config
+    from framepack.models.quantize import text_quantization_config
 
     # AutoTokenizer, not LlamaTokenizerFast: in transformers 5 that class
     # rebuilds a Llama-3 style tokenizer from its vocabulary and gets ids wrong.

@@ -6,8 +6,8 @@ import torch
 
 from framepack.backends import EncoderBackend
 from framepack.hookspecs import hookimpl
-from framepack.offload import module_device
-from framepack.vae_memory import VaeGeometry
+from framepack.engine.offload import module_device
+from framepack.engine.vae_memory import VaeGeometry
 
 
 class HunyuanVae:

@@ -7,7 +7,7 @@ import torch
 
 from framepack.backends import EncoderBackend
 from framepack.hookspecs import hookimpl
-from framepack.offload import module_device
+from framepack.engine.offload import module_device
 
 
 class SiglipImageEncoder:

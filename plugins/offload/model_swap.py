@@ -21,7 +21,7 @@ import torch
 from framepack.backends import OffloadBackend
 from framepack.errors import FramepackError
 from framepack.hookspecs import hookimpl
-from framepack.offload import StageTracker, module_bytes, module_device
+from framepack.engine.offload import StageTracker, module_bytes, module_device
 
 GIB = 1024**3
 

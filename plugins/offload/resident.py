@@ -12,7 +12,7 @@ import torch
 
 from framepack.backends import OffloadBackend
 from framepack.hookspecs import hookimpl
-from framepack.offload import StageTracker
+from framepack.engine.offload import StageTracker
 
 
 class ResidentPolicy(StageTracker):

@@ -15,7 +15,7 @@ import torch
 
 from framepack.backends import WriterBackend
 from framepack.hookspecs import hookimpl
-from framepack.writing import partial_path
+from framepack.output.writing import partial_path
 
 
 def save(path: Path, latents: torch.Tensor, metadata: dict[str, str], options) -> None:

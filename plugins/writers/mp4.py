@@ -1,7 +1,7 @@
 """Writer `mp4`: H.264 in MP4 via PyAV (yuv420p, constant quality CRF, 30 fps).
 
 Each section is its own segment file; ``join`` copies their packets into
-one MP4 without re-encoding (framepack.segments).
+one MP4 without re-encoding (framepack.output.segments).
 
 Every x264 setting but ``crf`` and ``preset`` is fixed, so all segments of
 a job (and of a resumed job) share one set of codec parameters. The fixed
@@ -15,7 +15,7 @@ ones are chosen to play everywhere, dark scenes included:
 - ``aq-mode=3``: adaptive quantisation biased towards dark scenes, so
   near-black gradients keep their bits instead of turning into blocks.
 - BT.709 limited-range colour tags, and the RGB -> YUV conversion done with
-  those coefficients (framepack.segments), so players neither crush nor
+  those coefficients (framepack.output.segments), so players neither crush nor
   lift the blacks.
 - ``+faststart`` on the joined file: the index goes first, so playback
   starts before a download ends.
@@ -39,7 +39,7 @@ from pathlib import Path
 from framepack.backends import WriterBackend
 from framepack.errors import ConfigError
 from framepack.hookspecs import hookimpl
-from framepack.segments import VideoSegmentWriter, remux_join
+from framepack.output.segments import VideoSegmentWriter, remux_join
 
 PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow", "placebo")
 FIXED = {"profile": "high", "x264-params": "aq-mode=3:threads=4:sliced-threads=0:cpu-independent=1"}

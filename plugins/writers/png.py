@@ -19,8 +19,8 @@ import numpy as np
 from framepack.backends import WriterBackend
 from framepack.errors import ConfigError, FramepackError
 from framepack.hookspecs import hookimpl
-from framepack.segments import check_frames, write_json_atomic
-from framepack.writing import partial_path
+from framepack.output.segments import check_frames, write_json_atomic
+from framepack.output.writing import partial_path
 
 FRAME_NAME = "{:06d}.png"
 
@@ -90,8 +90,8 @@ def join(segments: list[Path], out: Path, options: PngOptions, metadata: dict[st
 
 
 def _record(metadata: dict[str, str]) -> dict:
-    """The job's record when the tags carry it (framepack.metadata), else the tags themselves."""
-    from framepack.metadata import JSON_TAG
+    """The job's record when the tags carry it (framepack.output.metadata), else the tags themselves."""
+    from framepack.output.metadata import JSON_TAG
 
     try:
         return json.loads(metadata[JSON_TAG])

@@ -1,7 +1,7 @@
 """Writer `webm`: VP9 in WebM via PyAV (libvpx-vp9, yuv420p, constant quality).
 
 Each section is its own segment file; ``join`` copies their packets into
-one WebM without re-encoding (framepack.segments). Colour is tagged and
+one WebM without re-encoding (framepack.output.segments). Colour is tagged and
 converted as BT.709 limited range, like the mp4 writer.
 
 The same frames give the same bytes on any machine, as with the mp4
@@ -9,7 +9,7 @@ writer. libvpx-vp9 encoded identical packets with 1, 2, 8 or 16 threads,
 row-mt on or off (it turns off the speed features that would differ);
 ``threads`` is fixed anyway, so nothing rests on the core count. What
 used to differ run to run was the muxer's random SegmentUID, now gone
-(``fflags=+bitexact``, framepack.segments).
+(``fflags=+bitexact``, framepack.output.segments).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 from framepack.backends import WriterBackend
 from framepack.errors import ConfigError
 from framepack.hookspecs import hookimpl
-from framepack.segments import VideoSegmentWriter, remux_join
+from framepack.output.segments import VideoSegmentWriter, remux_join
 
 DEADLINES = ("good", "best", "realtime")
 

@@ -1,0 +1,1 @@
+"""Attention: the processors the transformer calls, mask handling, the kernel self-check, kernel support."""

@@ -1,0 +1,1 @@
+"""Step caches (TeaCache, MagCache, first-block) and their calibration data."""
