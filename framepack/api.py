@@ -187,6 +187,29 @@ class Pipeline:
                          preview_every=preview_every, overwrite=overwrite, on_event=on_event, cancel=cancel,
                          recompute_from=recompute_from)
 
+    def calibrate(self, cache: str, output: str | Path, image: str | Path, prompt: str, *,
+                  profile: str | None = None, overrides: Iterable[str] | None = None, **settings: Any) -> dict:
+        """Fit a step cache (``"teacache"`` or ``"magcache"``) to this model: run the
+        job uncached while recording, write the calibration file ``output``, and
+        return its contents (``framepack calibrate``; docs/caches.md)."""
+        from framepack.pipeline.calibrate import run_calibration
+        from framepack.pipeline.settings import JobSettings, parse_size
+
+        unknown = sorted(set(settings) - set(SETTINGS))
+        if unknown:
+            raise UserError(f"unknown setting(s) {', '.join(unknown)} (known: {', '.join(sorted(SETTINGS))})")
+        values = {SETTINGS[k]: v for k, v in settings.items() if v is not None}
+        if isinstance(values.get("size"), str):
+            values["size"] = parse_size(values["size"])
+        values.setdefault("model", self.model)
+        job = JobSettings(image=Path(image), prompt=prompt, output=Path("unused.mp4"), **values)
+        if self._closed:
+            raise UserError("this Pipeline is closed; make a new one")
+        with self._lock:
+            return run_calibration(job, cache, Path(output), self.profile if profile is None else profile,
+                                   list(self.overrides if overrides is None else overrides), self.config_files,
+                                   extra_plugins=self.plugins, store=self._store)
+
     def _run(self, settings, profile, overrides, *, job_dir, resume, preview, preview_every, overwrite, on_event,
              cancel, recompute_from=None):
         from framepack.output.jobdir import JobDir

@@ -342,18 +342,13 @@ def cmd_make_full_model(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from framepack.pipeline.calibrate import run_calibration
-    from framepack.pipeline.settings import JobSettings, parse_size
-    from framepack.output.progress import ProgressReporter
-
     output = args.output or Path(f"calibration_{args.cache}_{args.variant}_{args.steps}steps.json")
-    settings = JobSettings(
-        image=args.image, prompt=args.prompt, negative_prompt=args.negative_prompt, output=Path("unused.mp4"),
-        variant=args.variant, seconds=args.seconds, steps=args.steps, seed=args.seed, gs=args.gs, cfg=args.cfg,
-        resolution=args.resolution, size=parse_size(args.size) if args.size else None, model=args.model,
-    )
-    extra = [] if args.quiet else [ProgressReporter()]
-    payload = run_calibration(settings, args.cache, output, args.profile, args.overrides, args.config_files, extra_plugins=extra)
+    with _pipeline(args, args.profile, args.overrides, args.config_files) as pipe:
+        payload = pipe.calibrate(
+            args.cache, output, args.image, args.prompt, negative_prompt=args.negative_prompt, model=args.model,
+            variant=args.variant, seconds=args.seconds, steps=args.steps, seed=args.seed, gs=args.gs, cfg=args.cfg,
+            resolution=args.resolution, size=args.size,
+        )
     summary = {k: v for k, v in payload.items() if k != "data"}
     summary["data"] = {k: v for k, v in payload["data"].items() if k not in ("pairs", "std")}
     summary["path"] = str(output)

@@ -153,3 +153,10 @@ def test_from_keeps_the_recorded_overrides_and_window_sets_the_section_length(ti
     assert (run_in_tmp / "b").is_dir()  # the png writer came back from the recorded --set
     assert again["extra"]["overrides"] == ['writers=["mp4", "png"]']
     assert again["settings"]["latent_window_size"] == 5 and again["settings"]["seed"] == 9
+
+
+def test_memory_does_not_creep_across_jobs(pipe, test_image, tmp_path):
+    # A generous bound on what benchmarks/repeat_bench.py measures (job 6 within 1 % of job 2 there).
+    peaks = [pipe.generate(test_image, "a fox" if i % 2 else "a hare", output=tmp_path / f"{i}.mp4", **FAST).peak_ram_gb
+             for i in range(4)]
+    assert peaks[3] <= 1.15 * peaks[1], peaks

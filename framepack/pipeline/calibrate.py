@@ -153,10 +153,12 @@ def run_calibration(
     hardware=None,
     extra_plugins: Iterable[Any] = (),
     include_user_files: bool = True,
+    store=None,
 ) -> dict[str, Any]:
     """Run ``settings`` uncached with the recorder, fit ``cache``, write ``output``.
 
-    ``settings.output`` is ignored: the video goes to a temporary folder."""
+    ``settings.output`` is ignored: the video goes to a temporary folder.
+    ``store`` is a warm pipeline's model store (framepack.pipeline.warm)."""
     from framepack.engine.assemble import assemble
     from framepack.pipeline.generate import generate, preflight
     from framepack.output.writing import check_output_path
@@ -181,7 +183,7 @@ def run_calibration(
         recorder = CalibrationRecorder()
         engine = assemble(profile, [*overrides, f"cache={RECORDER}"], config_files, hardware,
                           extra_plugins=[RecorderPlugin(recorder), *extra_plugins], include_user_files=include_user_files)
-        result = generate(job, engine, image)
+        result = generate(job, engine, image, store=store)
     data = teacache_data(recorder.measurements) if cache == "teacache" else magcache_data(recorder.measurements, settings.steps)
     model = {"source": settings.model or "(default hub repos)", "variant": settings.variant, "fingerprint": recorder.fingerprint}
     measured = {
