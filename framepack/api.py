@@ -22,7 +22,7 @@ SETTINGS = {
     "image": "image", "prompt": "prompt", "negative_prompt": "negative_prompt", "output": "output",
     "variant": "variant", "seconds": "seconds", "steps": "steps", "seed": "seed", "gs": "gs", "cfg": "cfg",
     "rs": "rs", "window": "latent_window_size", "resolution": "resolution", "size": "size",
-    "latents_out": "latents_out", "model": "model", "prompt_cache": "prompt_cache",
+    "latents_out": "latents_out", "model": "model", "prompt_cache": "prompt_cache", "prompt_blend": "prompt_blend",
 }
 KEEP_CHOICES = ("auto", "all", "none")
 

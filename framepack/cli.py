@@ -34,7 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="re-run the job recorded in a framepack video, sidecar .json, png folder or latents file; "
                         "flags given as well override its settings")
     g.add_argument("--image", type=Path, help="start image (PNG, JPEG, WebP, ...)")
-    g.add_argument("--prompt", help="what should happen in the video")
+    g.add_argument("--prompt", help="what should happen in the video; timed: \"[0s: a man waves] [2s-4s: he jumps]\" "
+                   "(docs/controls.md)")
+    g.add_argument("--prompt-blend", type=int, default=None, metavar="N",
+                   help="timed prompts: blend each change in over the N sections before it (default 0: switch)")
     g.add_argument("--negative-prompt", default=None, help="used only when --cfg > 1")
     g.add_argument("--model", help="local model folder, or a hub repo id with the same layout (default: the original hub repos)")
     g.add_argument("--variant", choices=("original", "f1"), default=None,
@@ -129,7 +132,7 @@ GENERATE_FLAGS = {  # argparse dest -> Pipeline.generate setting (the same names
     "image": "image", "prompt": "prompt", "negative_prompt": "negative_prompt", "output": "output",
     "variant": "variant", "seconds": "seconds", "steps": "steps", "seed": "seed", "gs": "gs", "cfg": "cfg",
     "rs": "rs", "window": "window", "resolution": "resolution", "size": "size", "latents_out": "latents_out",
-    "model": "model",
+    "model": "model", "prompt_blend": "prompt_blend",
 }
 
 

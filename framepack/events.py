@@ -28,6 +28,7 @@ class SectionEvent:
     elapsed_s: float
     computed: int = 0  # transformer calls the step cache let run (on "end")
     skipped: int = 0  # transformer calls it skipped (on "end")
+    prompts: dict = field(default_factory=dict)  # {prompt text: weight} this section uses (timed prompts blend)
 
 
 @dataclass(frozen=True)

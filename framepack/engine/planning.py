@@ -15,8 +15,10 @@ whole as +-30 %.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,16 +69,77 @@ class Plan:
         return f"about {vram}{self.ram_gb:.1f} GB RAM with offload {self.offload}{tiled}"
 
 
+# Config files whose content decides the counts (each part's config.json).
+COUNTED_CONFIGS = ("transformer", "vae", "text_encoder", "text_encoder_2", "image_encoder")
+COUNT_RECIPE = "meta-count/v1"  # bump when what is counted changes (e.g. quantize's rules)
+
+
 def count_params(source) -> dict[str, int]:
-    """Parameter counts per part: from the local configs (instantiated on the
-    meta device, no weights read), else the known counts of the originals."""
+    """Parameter counts per part: from the local configs, else the known counts
+    of the originals.
+
+    Counting instantiates every part on the meta device (no weights read), which
+    costs seconds on every job (the library imports, 13B parameters of module
+    objects): 1.75 s of a 10 s tiny CPU job (benchmarks/overhead_bench.py). The
+    counts are therefore kept on disk under the cache folder, keyed by the
+    configs' bytes and what else decides them (library versions, whether
+    bitsandbytes can run); any change of those counts again."""
     if source.root is None:
         return dict(KNOWN_PARAMS)
+    root = Path(source.root)
+    path = _count_cache_path(root)
+    if path is not None:
+        try:
+            cached = json.loads(path.read_text())
+            if isinstance(cached, dict) and set(cached) >= set(KNOWN_PARAMS) and \
+                    all(isinstance(v, int) for v in cached.values()):
+                return cached
+        except (OSError, ValueError):
+            pass  # absent or damaged: count again
+    counts = _count_on_meta(root)
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(counts, sort_keys=True))
+            tmp.replace(path)
+        except OSError:
+            pass  # a read-only cache only costs the count next time
+    return counts
+
+
+def _count_cache_path(root: Path) -> Path | None:
+    """Where the counts of the model in ``root`` are kept; None when a config is
+    unreadable (the count then raises the error the user should see)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from framepack import __version__
+    from framepack.models.prompt_cache import cache_dir
+
+    digest = hashlib.sha256()
+    libs = []
+    for lib in ("diffusers", "transformers"):
+        try:
+            libs.append(version(lib))
+        except PackageNotFoundError:
+            libs.append(None)
+    nf4 = importlib.util.find_spec("bitsandbytes") is not None
+    digest.update(json.dumps([COUNT_RECIPE, __version__, libs, nf4]).encode())
+    for part in COUNTED_CONFIGS:
+        try:
+            digest.update((root / part / "config.json").read_bytes())
+        except OSError:
+            return None
+        digest.update(b"\0")
+    return cache_dir().parent / "params" / f"{digest.hexdigest()}.json"
+
+
+def _count_on_meta(root: Path) -> dict[str, int]:
+    """Count from the configs by building every part on the meta device."""
     import torch
     from accelerate import init_empty_weights
 
     counts = {}
-    root = Path(source.root)
     with init_empty_weights():
         from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoFramepackTransformer3DModel
         from transformers import AutoConfig, CLIPTextModel, LlamaModel, SiglipVisionModel

@@ -36,6 +36,7 @@ from framepack.notes import note
 from framepack.output.outputs import OutputNames, SegmentOutputs, is_frame_folder, name_outputs
 from framepack.engine.planning import plan_job
 from framepack.models.prompt_cache import PromptCache, encoder_fingerprint
+from framepack.pipeline.prompts import parse_timed_prompt, schedule
 from framepack.pipeline.loop import CancelRequested, LoopInputs, LoopShape, LoopState, replay, run_sections
 from framepack.pipeline.warm import ModelStore, StageTimes
 from framepack.pipeline.sections import FPS, section_count, total_pixel_frames
@@ -99,12 +100,25 @@ def preflight(settings: JobSettings) -> np.ndarray:
     The CLI runs this before it prints the engine report, so a typo in a path
     is the only line the user sees."""
     settings.validate()
+    prompt_weights(settings, section_count(settings.seconds, settings.latent_window_size))  # bad brackets: one line
     image = load_image(settings.image)
     check_output_path(settings.output, folder_ok=True)
     if settings.latents_out is not None:
         check_output_path(settings.latents_out)
     ModelSource.from_arg(settings.model, settings.variant)
     return image
+
+
+def prompt_weights(settings: JobSettings, sections: int) -> list[dict[str, float]] | None:
+    """{prompt: weight} per generation index for a timed prompt (framepack.pipeline.prompts);
+    None for a plain prompt, which runs exactly as before."""
+    timed = parse_timed_prompt(settings.prompt)
+    if len(timed) == 1 and timed[0].start == 0 and timed[0].end is None:
+        if timed[0].text == settings.prompt:
+            return None
+    per_playback = schedule(timed, sections, settings.latent_window_size, settings.prompt_blend)
+    inverted = settings.variant == "original"
+    return per_playback[::-1] if inverted else per_playback  # the inverted model generates the end first
 
 
 class Interrupted(Cancelled):
@@ -387,7 +401,16 @@ def _run(settings, engine, image, source, plan, device, dtype, height, width, se
 
     policy = store.policy_for((ch["offload"].name, ch["offload"].options, str(device)),
                               lambda: ch["offload"].backend.make_policy(ch["offload"].options, device))
-    prompts = list(dict.fromkeys([settings.prompt] + ([settings.negative_prompt] if settings.cfg != 1 else [])))
+    timed = prompt_weights(settings, sections)  # per generation index, or None for one prompt
+    if timed is not None:
+        playback = timed[::-1] if settings.variant == "original" else timed
+        length = 4 * lws / FPS
+        note("prompt schedule, snapped to sections: " + "; ".join(
+            f"{p * length:.1f}-{(p + 1) * length:.1f} s " + " + ".join(
+                t if w == 1 else f"{w:.0%} {t}" for t, w in weights.items())
+            for p, weights in enumerate(playback)))
+    texts = [settings.prompt] if timed is None else list(dict.fromkeys(t for w in timed for t in w))
+    prompts = list(dict.fromkeys(texts + ([settings.negative_prompt] if settings.cfg != 1 else [])))
     cached, store_prompts = _cached_prompts(settings, engine, source, prompts, dtype["text_encoder"])
     missing = [p for p in prompts if p not in cached]
     embeddings = dict(cached)
@@ -416,7 +439,8 @@ def _run(settings, engine, image, source, plan, device, dtype, height, width, se
     vae.set_tiling(plan.vae_tiling)  # the plan tiles where an untiled decode would not fit or would set the peak
     cropped = resize_and_center_crop(image, height, width)
     with times.measure("encode"):
-        branches, start_latent = _condition(settings, embeddings, vision, vae, policy, cropped, dtype["transformer"])
+        branches, start_latent, section_branches = _condition(settings, embeddings, vision, vae, policy, cropped,
+                                                              dtype["transformer"], timed)
     del vision
     store.done_with("vision")
     checkpoint = resuming.checkpoint if resuming is not None else None
@@ -426,7 +450,8 @@ def _run(settings, engine, image, source, plan, device, dtype, height, width, se
 
     shape = LoopShape(sections, lws, height // 8, width // 8, settings.variant == "original", settings.seed)
     inputs = LoopInputs(settings, engine, shape, branches, start_latent, vae, None, policy, None, outputs, jobdir,
-                        dtype["transformer"], cancel=cancel, times=times)
+                        dtype["transformer"], cancel=cancel, times=times, section_branches=section_branches,
+                        section_prompts=timed)
     if resuming is None:
         state = LoopState(shape, start_latent)
     elif resuming.replays:  # rebuild what was damaged, from the section latents, before sampling
@@ -528,14 +553,17 @@ def _cached_prompts(settings, engine, source, prompts, text_dtype):
     return found, store
 
 
-def _condition(settings, embeddings, vision, vae, policy, cropped, tdtype):
+def _condition(settings, embeddings, vision, vae, policy, cropped, tdtype, weights=None):
     """Start latent and image embedding, plus the prompt embeddings already
     computed (SPEC section 2).
 
-    Returns the transformer inputs of each CFG branch and the start latent
-    (1, 16, 1, h, w) float32 on the CPU."""
+    Returns the transformer inputs of each CFG branch, the start latent
+    (1, 16, 1, h, w) float32 on the CPU, and for timed prompts (``weights``:
+    {prompt: weight} per generation index) each section's positive branch,
+    else None."""
     device = policy.execution_device
-    llama, pooler = embeddings[settings.prompt]
+    texts = [settings.prompt] if weights is None else list(dict.fromkeys(t for w in weights for t in w))
+    llama, pooler = embeddings[texts[0]]
     if settings.cfg == 1:
         # No negative pass runs; zeros keep the shapes the original passes.
         llama_n, pooler_n = torch.zeros_like(llama), torch.zeros_like(pooler)
@@ -546,8 +574,9 @@ def _condition(settings, embeddings, vision, vae, policy, cropped, tdtype):
     with policy.stage("image_encoder"):
         image_embeds = vision.encode(cropped)  # (1, N, C)
 
-    def branch(vec, pool):
-        vec, mask = crop_or_pad(vec)
+    def branch(vec, pool, mask=None):
+        if mask is None:
+            vec, mask = crop_or_pad(vec)
         return dict(
             encoder_hidden_states=vec.to(device, tdtype),
             encoder_attention_mask=mask.to(device),
@@ -556,6 +585,24 @@ def _condition(settings, embeddings, vision, vae, policy, cropped, tdtype):
             guidance=torch.tensor([settings.gs * 1000.0], device=device).to(tdtype),
         )
 
-    return {"positive": branch(llama, pooler), "negative": branch(llama_n, pooler_n)}, start_latent
+    branches = {"positive": branch(llama, pooler), "negative": branch(llama_n, pooler_n)}
+    if weights is None:
+        return branches, start_latent, None
+    made: dict[tuple, dict] = {}
+
+    def blended(w: dict[str, float]) -> dict:
+        key = tuple(sorted(w.items()))
+        if key not in made:
+            if len(w) == 1:  # one prompt: exactly the untimed inputs
+                made[key] = branch(*embeddings[next(iter(w))])
+            else:  # lerp the padded Llama embeddings (the mask is their union) and the poolers
+                parts = [(crop_or_pad(embeddings[t][0]), embeddings[t][1], x) for t, x in w.items()]
+                vec = sum(x * v.float() for (v, _), _, x in parts)
+                mask = torch.stack([m for (_, m), _, _ in parts]).any(dim=0)
+                pool = sum(x * p.float() for _, p, x in parts)
+                made[key] = branch(vec, pool, mask)
+        return made[key]
+
+    return branches, start_latent, [blended(w) for w in weights]
 
 

@@ -151,6 +151,8 @@ class LoopInputs:
     tdtype: torch.dtype
     cancel: Any = None  # a threading.Event: set, the job stops at the next step boundary
     times: Any = None  # framepack.pipeline.warm.StageTimes
+    section_branches: list | None = None  # timed prompts: each generation index's positive branch
+    section_prompts: list | None = None  # and its {prompt: weight}, for the events
 
 
 class CancelRequested(KeyboardInterrupt):
@@ -177,7 +179,9 @@ def run_sections(inp: LoopInputs, state: LoopState) -> LoopResult:
 
     for index in range(state.next_section, shape.sections):
         padding = paddings[index]
-        hook.framepack_on_section(event=SectionEvent(index, shape.sections, "start", time.perf_counter() - started))
+        weights = inp.section_prompts[index] if inp.section_prompts is not None else {settings.prompt: 1.0}
+        hook.framepack_on_section(event=SectionEvent(index, shape.sections, "start", time.perf_counter() - started,
+                                                     prompts=weights))
         layout, clean, clean_2x, clean_4x = state.context(padding, inp.start_latent)
         context = SectionContext(
             indices_latents=layout.latent.to(device),
@@ -203,7 +207,7 @@ def run_sections(inp: LoopInputs, state: LoopState) -> LoopResult:
         _finish_section(inp, state, index, latents, last)
         hook.framepack_on_section(
             event=SectionEvent(index, shape.sections, "end", time.perf_counter() - started,
-                               computed=result.computed_steps[-1], skipped=result.skipped_steps[-1])
+                               computed=result.computed_steps[-1], skipped=result.skipped_steps[-1], prompts=weights)
         )
 
     with _timed(inp, "write"):
@@ -297,8 +301,11 @@ def _sample_section(inp: LoopInputs, context, noise, sigmas, index, started):
     def transformer_call(hidden_states, timestep, branch):
         step = step_of[branch]
         step_of[branch] += 1
+        inputs = inp.branches[branch]
+        if branch == "positive" and inp.section_branches is not None:
+            inputs = inp.section_branches[index]
         return cache(forward, branch=branch, step=step, steps=steps, hidden_states=hidden_states, timestep=timestep,
-                     **inp.branches[branch], **context)
+                     **inputs, **context)
 
     model = make_x0_model(transformer_call, cfg=settings.cfg, rescale=settings.rs, dtype=inp.tdtype)
 

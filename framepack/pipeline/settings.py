@@ -35,6 +35,7 @@ class JobSettings:
     latents_out: Path | None = None
     model: str | None = None
     prompt_cache: bool = True  # reuse prompt embeddings cached on disk
+    prompt_blend: int = 0  # timed prompts: sections over which each change blends in (0 = hard switch)
 
     def validate(self) -> "JobSettings":
         def bad(name: str, value, why: str) -> UserError:
@@ -51,6 +52,9 @@ class JobSettings:
                                 "pass the text in UTF-8") from None
             if "\x00" in text:
                 raise UserError(f"{name}: contains a NUL character at {text.index(chr(0))}; remove it")
+        if isinstance(self.prompt_blend, bool) or not isinstance(self.prompt_blend, int) or \
+                not 0 <= self.prompt_blend <= 50:
+            raise bad("--prompt-blend", self.prompt_blend, "must be a whole number of sections from 0 to 50")
         if self.variant not in VARIANTS:
             raise bad("--variant", self.variant, f"must be one of {', '.join(VARIANTS)}")
         if not math.isfinite(self.seconds) or self.seconds <= 0:
