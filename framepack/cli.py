@@ -14,6 +14,7 @@ from pathlib import Path
 
 from framepack import __version__
 from framepack.errors import FramepackError, UserError
+from framepack.models.heap import enable_huge_pages
 
 
 def _add_profile_args(p: argparse.ArgumentParser) -> None:
@@ -409,6 +410,9 @@ def _os_error_message(exc: OSError) -> tuple[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before anything imports torch: PyTorch reads its huge-page switch once, and
+    # with it a tiny-model CPU job's decode takes half the time (framepack.models.heap).
+    enable_huge_pages()
     args = build_parser().parse_args(argv)
     quiet_library_logs()
     try:

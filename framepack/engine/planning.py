@@ -78,12 +78,14 @@ def count_params(source) -> dict[str, int]:
     """Parameter counts per part: from the local configs, else the known counts
     of the originals.
 
-    Counting instantiates every part on the meta device (no weights read), which
-    costs seconds on every job (the library imports, 13B parameters of module
-    objects): 1.75 s of a 10 s tiny CPU job (benchmarks/overhead_bench.py). The
-    counts are therefore kept on disk under the cache folder, keyed by the
-    configs' bytes and what else decides them (library versions, whether
-    bitsandbytes can run); any change of those counts again."""
+    Counting instantiates every part on the meta device (no weights read) and
+    imports every model class, the text encoders' too when the prompt cache
+    spares loading them: 3.4 s of a tiny-model CPU job's plan, and 0.27 s of
+    each later job in a warm process (benchmarks/overhead_bench.py). So the
+    counts are kept on disk under the cache folder, keyed by the configs' bytes
+    and what else decides them (library versions, whether bitsandbytes is
+    installed); any change counts again, and a cache that cannot be written
+    only costs the count."""
     if source.root is None:
         return dict(KNOWN_PARAMS)
     root = Path(source.root)
