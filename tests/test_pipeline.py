@@ -160,3 +160,17 @@ def test_memory_does_not_creep_across_jobs(pipe, test_image, tmp_path):
     peaks = [pipe.generate(test_image, "a fox" if i % 2 else "a hare", output=tmp_path / f"{i}.mp4", **FAST).peak_ram_gb
              for i in range(4)]
     assert peaks[3] <= 1.15 * peaks[1], peaks
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: measures torch.cuda.memory_allocated()")
+def test_close_gives_the_cuda_memory_back(tiny_model, test_image, tmp_path):
+    torch.cuda.synchronize()
+    start = torch.cuda.memory_allocated()
+    pipe = Pipeline(model=tiny_model)  # the profile this CUDA machine matches
+    for i in range(2):
+        pipe.generate(test_image, "a fox", output=tmp_path / f"{i}.mp4", **FAST)
+    held = torch.cuda.memory_allocated()
+    pipe.close()
+    torch.cuda.synchronize()
+    assert held > start  # the models were really on the device
+    assert torch.cuda.memory_allocated() == start
