@@ -3,7 +3,8 @@ ones below it, so a module's place says what it may depend on.
 
 Bottom to top: the shared modules at the top level (errors, notes, events,
 hardware, backends, hookspecs), then models, attention, caching, output,
-engine, pipeline; the CLI and the public API sit above everything."""
+engine, pipeline, ui (the web UI, a client of the service's HTTP API); the CLI
+and the public API sit above everything."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 import framepack
 
 PACKAGE = Path(framepack.__file__).parent
-LAYERS = ["models", "attention", "caching", "output", "engine", "pipeline"]
+LAYERS = ["models", "attention", "caching", "output", "engine", "pipeline", "ui"]
 BASE = {"errors", "notes", "events", "hardware", "backends", "hookspecs", "__init__"}
 TOP = {"cli", "__main__", "api"}
 

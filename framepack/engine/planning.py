@@ -284,6 +284,15 @@ def estimate(profile: Profile, offload: str, params: dict[str, int], height: int
 def plan_job(engine, source, height: int, width: int, frames: int, lws: int, inverted: bool) -> Plan:
     """The plan for the engine's profile, checked against the hardware; the
     shipped and user profiles for the same device are the alternatives."""
+    plan, alternatives = plan_with_alternatives(engine, source, height, width, frames, lws, inverted)
+    check_fits(plan, engine.hardware, alternatives)
+    return plan
+
+
+def plan_with_alternatives(engine, source, height: int, width: int, frames: int, lws: int,
+                           inverted: bool) -> tuple[Plan, list[tuple[str, Plan]]]:
+    """The engine's profile's plan, and each other profile's for the same device
+    (what ``check_fits`` names when the first does not fit)."""
     hw = engine.hardware
     params = count_params(source)
     vae = vae_geometry(source)
@@ -304,8 +313,7 @@ def plan_job(engine, source, height: int, width: int, frames: int, lws: int, inv
             alt = plan_for(profile)
             if alt is not None:
                 alternatives.append((name, alt))
-    check_fits(plan, hw, alternatives)
-    return plan
+    return plan, alternatives
 
 
 def resident_between_jobs(profile: Profile, params: dict[str, int], hw: HardwareInfo) -> tuple[frozenset, frozenset]:
