@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup-venv.sh
+source scripts/system-deps.sh
 exec "$VENV/bin/python" -m pytest "$@"

@@ -112,7 +112,7 @@ def build_ui(client: ApiClient, *, poll_s: float = 1.0) -> gr.Blocks:
                             dice = gr.Button("Random seed", size="sm")
                         with gr.Accordion("Sampling", open=False):
                             steps = gr.Slider(1, 100, value=25, step=1, label="Steps", info=HELP["steps"], elem_id="steps")
-                            window = gr.Slider(1, 33, value=9, step=1, label="Window", info=HELP["window"])
+                            window = gr.Slider(1, 33, value=9, step=1, label="Window", info=HELP["window"], elem_id="window-slider")
                             gs = gr.Slider(1, 32, value=10, step=0.5, label="Distilled guidance", info=HELP["gs"])
                             cfg = gr.Slider(1, 32, value=1, step=0.5, label="CFG", info=HELP["cfg"])
                             rs = gr.Slider(0, 1, value=0, step=0.05, label="CFG rescale", info=HELP["rs"])
