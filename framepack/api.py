@@ -23,7 +23,11 @@ SETTINGS = {
     "variant": "variant", "seconds": "seconds", "steps": "steps", "seed": "seed", "gs": "gs", "cfg": "cfg",
     "rs": "rs", "window": "latent_window_size", "resolution": "resolution", "size": "size",
     "latents_out": "latents_out", "model": "model", "prompt_cache": "prompt_cache", "prompt_blend": "prompt_blend",
+    # creative controls (docs/controls.md)
+    "end_image": "end_image", "end_strength": "end_strength", "image_embeds": "image_embeds",
+    "keyframes": "keyframes", "blank": "blank",
 }
+CONTROL_ONLY = ("prompts",)  # generate() settings that become others: prompts (a file or list) -> prompt
 KEEP_CHOICES = ("auto", "all", "none")
 
 
@@ -121,7 +125,11 @@ class Pipeline:
         Takes every setting ``framepack generate`` takes, under the same names:
         ``negative_prompt``, ``model``, ``variant``, ``seconds``, ``steps``,
         ``seed``, ``gs``, ``cfg``, ``rs``, ``resolution``, ``size`` ("HxW" or
-        (H, W)), ``window``, ``latents_out``, ``prompt_cache``; ``from_`` starts
+        (H, W)), ``window``, ``latents_out``, ``prompt_cache``, and the creative
+        controls of docs/controls.md: ``prompt_blend``, ``prompts`` (a TOML/JSON
+        file or a list of {start, end?, prompt}), ``end_image``, ``end_strength``,
+        ``image_embeds``, ``keyframes`` ("TIME=IMAGE" strings or (time, image)
+        pairs), ``blank`` (the start frame when ``image`` is None); ``from_`` starts
         from a recorded job (a framepack video, sidecar, png folder or latents
         file), its profile and overrides included, with what you give on top.
         ``cancel`` set stops the job at the next step boundary with
@@ -129,9 +137,10 @@ class Pipeline:
         """
         from framepack.pipeline.settings import JobSettings, parse_size
 
-        unknown = sorted(set(settings) - set(SETTINGS))
+        unknown = sorted(set(settings) - set(SETTINGS) - set(CONTROL_ONLY))
         if unknown:
             raise UserError(f"unknown setting(s) {', '.join(unknown)} (known: {', '.join(sorted(SETTINGS))})")
+        prompt = _prompt_of(prompt, settings.pop("prompts", None))
         values: dict[str, Any] = {}
         if from_ is not None:  # the recorded --set overrides first, then the ones given now
             values, recorded_overrides = _recorded(Path(from_))
@@ -140,22 +149,24 @@ class Pipeline:
         for name, value in (("image", image), ("prompt", prompt), ("output", output)):
             if value is not None:
                 given[name] = value
-        for key in ("seconds", "gs", "cfg", "rs"):  # as the CLI parses them, so messages match word for word
+        for key in ("seconds", "gs", "cfg", "rs", "end_strength"):  # as the CLI parses them, so messages match word for word
             if isinstance(given.get(key), int) and not isinstance(given[key], bool):
                 given[key] = float(given[key])
         if isinstance(given.get("size"), str):
             given["size"] = parse_size(given["size"])
         if given.get("size") is not None:
             given["size"] = tuple(given["size"])
-        for key in ("image", "output", "latents_out"):
+        for key in ("image", "output", "latents_out", "end_image"):
             if given.get(key) is not None:
                 given[key] = Path(given[key])
+        if given.get("keyframes") is not None:
+            given["keyframes"] = _keyframe_strings(given["keyframes"])
         values.update(given)
         if self.model is not None:
             values.setdefault("model", self.model)
-        missing = [k for k in ("image", "prompt") if values.get(k) is None]
-        if missing:
-            raise UserError(f"{' and '.join(missing)} required (or from_ a previous video or its .json)")
+        if values.get("prompt") is None:
+            raise UserError("prompt required (or from_ a previous video or its .json)")
+        values.setdefault("image", None)  # text-to-video
         if values.get("output") is None:
             import time
 
@@ -299,3 +310,27 @@ def _recorded(path: Path) -> tuple[dict, list[str]]:
     if not isinstance(overrides, list) or not all(isinstance(x, str) for x in overrides):
         raise UserError(f"{path}: framepack metadata is damaged: 'extra.overrides' must be a list of strings")
     return values, overrides
+
+
+def _prompt_of(prompt, prompts):
+    """``prompts`` (a file, or a list of {start, end?, prompt}) as a timed prompt."""
+    if prompts is None:
+        return prompt
+    if prompt is not None:
+        raise UserError("give either --prompt or --prompts, not both")
+    from framepack.pipeline.prompts_file import load_prompts_file, prompts_from_entries
+
+    if isinstance(prompts, (str, Path)):
+        return load_prompts_file(prompts)
+    return prompts_from_entries(list(prompts) if isinstance(prompts, tuple) else prompts)
+
+
+def _keyframe_strings(keyframes) -> tuple[str, ...]:
+    if isinstance(keyframes, (str, Path)):
+        keyframes = [keyframes]
+    out = []
+    for kf in keyframes:
+        if isinstance(kf, (tuple, list)) and len(kf) == 2:
+            kf = f"{kf[0]}={kf[1]}"
+        out.append(str(kf))
+    return tuple(out)

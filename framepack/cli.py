@@ -25,6 +25,20 @@ def _add_profile_args(p: argparse.ArgumentParser) -> None:
                    help="extra profile file, applied after the shipped and user files (repeatable)")
 
 
+def _add_control_args(g: argparse.ArgumentParser) -> None:
+    """Creative controls (docs/controls.md)."""
+    g.add_argument("--prompts", type=Path, metavar="FILE",
+                   help="timed prompts from a TOML or JSON list of {start, end?, prompt} (instead of --prompt)")
+    g.add_argument("--end-image", type=Path, metavar="IMG", help="end frame the video heads for (original variant)")
+    g.add_argument("--end-strength", type=float, default=None, metavar="S", help="end frame strength 0..1 (default 1)")
+    g.add_argument("--image-embeds", choices=("start", "linear", "mean"), default=None,
+                   help="image embedding per section: start, linear (default with --end-image) or mean")
+    g.add_argument("--keyframe", dest="keyframes", action="append", default=None, metavar="TIME=IMG",
+                   help="condition the section covering TIME seconds on IMG (original variant; repeatable)")
+    g.add_argument("--blank", choices=("gray", "black", "white", "noise"), default=None,
+                   help="start frame without --image (default gray; noise is drawn from --seed)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="framepack", description="FramePack image-to-video engine.")
     parser.add_argument("--version", action="version", version=f"framepack {__version__}")
@@ -34,12 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--from", dest="from_", type=Path, metavar="VIDEO_OR_JSON",
                    help="re-run the job recorded in a framepack video, sidecar .json, png folder or latents file; "
                         "flags given as well override its settings")
-    g.add_argument("--image", type=Path, help="start image (PNG, JPEG, WebP, ...)")
+    g.add_argument("--image", type=Path, help="start image (PNG, JPEG, WebP, ...); left out: text-to-video from --blank")
     g.add_argument("--prompt", help="what should happen in the video; timed: \"[0s: a man waves] [2s-4s: he jumps]\" "
                    "(docs/controls.md)")
     g.add_argument("--prompt-blend", type=int, default=None, metavar="N",
                    help="timed prompts: blend each change in over the N sections before it (default 0: switch)")
     g.add_argument("--negative-prompt", default=None, help="used only when --cfg > 1")
+    _add_control_args(g)
     g.add_argument("--model", help="local model folder, or a hub repo id with the same layout (default: the original hub repos)")
     g.add_argument("--variant", choices=("original", "f1"), default=None,
                    help="original: inverted anti-drifting model (generates the end first); f1: forward model")
@@ -134,6 +149,8 @@ GENERATE_FLAGS = {  # argparse dest -> Pipeline.generate setting (the same names
     "variant": "variant", "seconds": "seconds", "steps": "steps", "seed": "seed", "gs": "gs", "cfg": "cfg",
     "rs": "rs", "window": "window", "resolution": "resolution", "size": "size", "latents_out": "latents_out",
     "model": "model", "prompt_blend": "prompt_blend",
+    "prompts": "prompts", "end_image": "end_image", "end_strength": "end_strength", "image_embeds": "image_embeds",
+    "keyframes": "keyframes", "blank": "blank",
 }
 
 
@@ -157,9 +174,8 @@ def cmd_generate(args) -> int:
     settings = {name: getattr(args, dest) for dest, name in GENERATE_FLAGS.items() if getattr(args, dest) is not None}
     if args.no_prompt_cache:
         settings["prompt_cache"] = False
-    if args.from_ is None and (args.image is None or args.prompt is None):
-        missing = [f"--{k}" for k in ("image", "prompt") if getattr(args, k) is None]
-        raise UserError(f"{' and '.join(missing)} required (or --from a previous video or its .json)")
+    if args.from_ is None and args.prompt is None and args.prompts is None:
+        raise UserError("--prompt (or --prompts) required (or --from a previous video or its .json)")
     with _pipeline(args, args.profile, args.overrides, args.config_files) as pipe:
         result = pipe.generate(from_=args.from_, job_dir=args.job_dir, preview=args.preview,
                                preview_every=args.preview_every, overwrite=args.overwrite, **settings)

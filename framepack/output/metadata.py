@@ -24,7 +24,7 @@ FORMAT_VERSION = 1
 FORMAT = f"{FORMAT_NAME}/{FORMAT_VERSION}"
 JSON_TAG = "comment"  # the tag that carries the whole record
 SIDECAR_SUFFIX = ".json"
-PATH_FIELDS = ("image", "output", "latents_out")
+PATH_FIELDS = ("image", "output", "latents_out", "end_image")
 TABLES = ("engine", "settings", "inputs", "backends", "model", "extra")
 
 
@@ -52,12 +52,22 @@ def build_metadata(settings, profile: str, backends: dict[str, str], model: dict
         values["model"] = str(Path(values["model"]).expanduser().resolve())
     if values.get("size") is not None:
         values["size"] = list(values["size"])
+    inputs = {}  # every image the job reads, with its sha256 (resume refuses a changed one)
+    if values.get("image") is not None:
+        inputs["image"] = _file_identity(Path(values["image"]))
+    if values.get("end_image") is not None:
+        inputs["end_image"] = _file_identity(Path(values["end_image"]))
+    if values.get("keyframes"):  # "TIME=PATH": the path stored absolute, as the other paths
+        values["keyframes"] = [f"{t}={Path(k).expanduser().absolute()}"
+                               for t, _, k in (str(kf).partition("=") for kf in values["keyframes"])]
+        inputs["keyframes"] = [dict(time=kf.partition("=")[0], **_file_identity(Path(kf.partition("=")[2])))
+                               for kf in values["keyframes"]]
     return {
         "format": FORMAT,
         "engine": {"name": "framepack", "version": __version__},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "settings": values,
-        "inputs": {"image": _file_identity(Path(values["image"]))},
+        "inputs": inputs,
         "profile": profile,
         "backends": dict(backends),
         "model": dict(model),
@@ -226,9 +236,11 @@ def format_metadata(metadata: dict) -> str:
     lines = [f"framepack {engine.get('version', '?')} ({metadata.get('format')}), created {metadata.get('created', '?')}"]
     for key, value in metadata.get("settings", {}).items():
         lines.append(f"  {key}: {value}")
-    image = metadata.get("inputs", {}).get("image", {})
-    if image.get("sha256"):
-        lines.append(f"  image sha256: {image['sha256']}")
+    for role, value in metadata.get("inputs", {}).items():
+        for each in value if isinstance(value, list) else [value]:
+            if isinstance(each, dict) and each.get("sha256"):
+                at = f" at {each['time']} s" if each.get("time") is not None else ""
+                lines.append(f"  {role.replace('_', ' ').removesuffix('s')}{at} sha256: {each['sha256']} ({each.get('path')})")
     lines.append(f"profile: {metadata.get('profile')}")
     backends = metadata.get("backends", {})
     if backends:

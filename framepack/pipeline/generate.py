@@ -37,6 +37,9 @@ from framepack.output.outputs import OutputNames, SegmentOutputs, is_frame_folde
 from framepack.engine.planning import plan_job
 from framepack.models.prompt_cache import PromptCache, encoder_fingerprint
 from framepack.pipeline.prompts import parse_timed_prompt, schedule
+from framepack.pipeline.blank import blank_image
+from framepack.pipeline.controls import (build_image_conditioning, check_controls, check_inputs_unchanged,
+                                         embed_rule, keyframe_sections)
 from framepack.pipeline.loop import CancelRequested, LoopInputs, LoopShape, LoopState, replay, run_sections
 from framepack.pipeline.warm import ModelStore, StageTimes
 from framepack.pipeline.sections import FPS, section_count, total_pixel_frames
@@ -81,9 +84,11 @@ def image_to_pixels(image: np.ndarray) -> torch.Tensor:
     return (torch.from_numpy(image).float() / 127.5 - 1).permute(2, 0, 1)[None, :, None]
 
 
-def target_size(settings: JobSettings, image: np.ndarray) -> tuple[int, int]:
+def target_size(settings: JobSettings, image: np.ndarray | None) -> tuple[int, int]:
     if settings.size is not None:
         return settings.size
+    if image is None:  # text-to-video: the square bucket
+        return nearest_bucket(settings.resolution, settings.resolution, settings.resolution)
     return nearest_bucket(image.shape[0], image.shape[1], settings.resolution)
 
 
@@ -94,19 +99,30 @@ def execution_device(engine: Engine) -> torch.device:
     return torch.device(hw.device)
 
 
-def preflight(settings: JobSettings) -> np.ndarray:
-    """Check everything the user gave before any model loads; return the image.
+def preflight(settings: JobSettings) -> np.ndarray | None:
+    """Check everything the user gave before any model loads; return the image
+    (None for text-to-video).
 
     The CLI runs this before it prints the engine report, so a typo in a path
     is the only line the user sees."""
     settings.validate()
-    prompt_weights(settings, section_count(settings.seconds, settings.latent_window_size))  # bad brackets: one line
-    image = load_image(settings.image)
+    sections = section_count(settings.seconds, settings.latent_window_size)
+    prompt_weights(settings, sections)  # bad brackets: one line
+    image = None if settings.image is None else load_image(settings.image)
+    check_controls(settings, sections)  # end image and keyframes: readable, and where they land
     check_output_path(settings.output, folder_ok=True)
     if settings.latents_out is not None:
         check_output_path(settings.latents_out)
     ModelSource.from_arg(settings.model, settings.variant)
     return image
+
+
+def control_images(settings: JobSettings, sections: int) -> dict[str, Path]:
+    """The end image and keyframes, labelled for refuse_overlap."""
+    images = {f"--keyframe {kf.given}": kf.path for kf in keyframe_sections(settings, sections).values()}
+    if settings.end_image is not None:
+        images["--end-image"] = settings.end_image
+    return images
 
 
 def prompt_weights(settings: JobSettings, sections: int) -> list[dict[str, float]] | None:
@@ -309,10 +325,11 @@ def generate(settings: JobSettings, engine: Engine, image: np.ndarray | None = N
             {"--output": each.main, **{f"the {c.name} output": each.path(c) for c in each.writers},
              **{"the partial video": p for p in each.partial_paths()}, "the job record": each.sidecar,
              "--latents-out": settings.latents_out, "--preview": preview},
-            {"the image": settings.image},
+            {"the image": settings.image, **control_images(settings, sections)},
             {"the model folder": source.root, "the job folder": jobdir.path},
         )
-    refuse_overlap({"--job-dir": jobdir.path}, {"the image": settings.image}, {"the model folder": source.root})
+    refuse_overlap({"--job-dir": jobdir.path}, {"the image": settings.image, **control_images(settings, sections)},
+                   {"the model folder": source.root})
     if settings.latents_out is not None and Path(settings.latents_out).exists() and not overwrite:
         raise UserError(f"--latents-out {settings.latents_out} exists; pass --overwrite to replace it")
     plan = plan_job(engine, source, height, width, total_pixel_frames(sections, lws), lws, settings.variant == "original")
@@ -332,6 +349,7 @@ def generate(settings: JobSettings, engine: Engine, image: np.ndarray | None = N
         if resume:
             recorded = jobdir.read_job()
             check_resumable(recorded, record)
+            check_inputs_unchanged(recorded, record)
             resuming = plan_resume(jobdir, outputs, sections, recompute_from)
             record = recorded  # the outputs describe the job as it started
         else:
@@ -437,10 +455,16 @@ def _run(settings, engine, image, source, plan, device, dtype, height, width, se
                         lambda: ch["vae"].backend.load(source, ch["vae"].options, dtype["vae"], "none"),
                         lambda obj: obj.modules)
     vae.set_tiling(plan.vae_tiling)  # the plan tiles where an untiled decode would not fit or would set the peak
-    cropped = resize_and_center_crop(image, height, width)
+    if image is None:
+        note(f"no --image: text-to-video from a {settings.blank} start frame")
+        cropped = blank_image(settings.blank, height, width, settings.seed)
+    else:
+        cropped = resize_and_center_crop(image, height, width)
     with times.measure("encode"):
         branches, start_latent, section_branches = _condition(settings, embeddings, vision, vae, policy, cropped,
                                                               dtype["transformer"], timed)
+        controls = _image_controls(settings, sections, branches, vision, vae, policy, height, width,
+                                   dtype["transformer"])
     del vision
     store.done_with("vision")
     checkpoint = resuming.checkpoint if resuming is not None else None
@@ -451,9 +475,10 @@ def _run(settings, engine, image, source, plan, device, dtype, height, width, se
     shape = LoopShape(sections, lws, height // 8, width // 8, settings.variant == "original", settings.seed)
     inputs = LoopInputs(settings, engine, shape, branches, start_latent, vae, None, policy, None, outputs, jobdir,
                         dtype["transformer"], cancel=cancel, times=times, section_branches=section_branches,
-                        section_prompts=timed)
+                        section_prompts=timed, end_latent=controls.end_latent, section_pre=controls.section_pre,
+                        section_images=controls.section_images)
     if resuming is None:
-        state = LoopState(shape, start_latent)
+        state = LoopState(shape, start_latent, controls.end_latent)
     elif resuming.replays:  # rebuild what was damaged, from the section latents, before sampling
         with times.measure("decode"):
             state = replay(inputs, resuming.start, set(resuming.rewrite))
@@ -496,6 +521,32 @@ def _run(settings, engine, image, source, plan, device, dtype, height, width, se
         elapsed_s=time.perf_counter() - started, stage_s={k: round(v, 4) for k, v in times.seconds.items()},
         loaded=store.take_loaded(), job_dir=jobdir.path, settings=settings,
     )
+
+
+def _image_controls(settings, sections, branches, vision, vae, policy, height, width, tdtype):
+    """End frame, keyframes and per-section image embeddings (framepack.pipeline.controls)."""
+
+    def encode_latent(cropped):
+        with policy.stage("vae"):
+            return vae.encode(image_to_pixels(cropped)).cpu()
+
+    def encode_embeds(cropped):
+        with policy.stage("image_encoder"):
+            return vision.encode(cropped)
+
+    def prepare(path):
+        return resize_and_center_crop(load_image(path), height, width)
+
+    controls = build_image_conditioning(settings, sections, branches["positive"]["image_embeds"], prepare,
+                                        encode_latent, encode_embeds, policy.execution_device, tdtype)
+    if settings.image_embeds is not None and settings.end_image is None and not settings.keyframes:
+        note(f"--image-embeds {settings.image_embeds}: no effect without --end-image or --keyframe")
+    if controls.weights is not None:
+        note(f"image embeddings ({embed_rule(settings)}), by playback section: " + "; ".join(
+            " + ".join(f"{w:.0%} {k}" for k, w in weights.items()) for weights in controls.weights[::-1]))
+    for p, kf in sorted(keyframe_sections(settings, sections).items()):
+        note(f"keyframe {kf.given}: conditions playback section {p} (generation index {sections - 1 - p})")
+    return controls
 
 
 def _disk_full_message(exc: OSError, jobdir: JobDir, names: OutputNames) -> str:

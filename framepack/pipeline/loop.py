@@ -74,11 +74,13 @@ class LoopState:
     files written so far: everything a section changes. One place updates it
     (``advance``), for the loop and for ``replay`` alike."""
 
-    def __init__(self, shape: LoopShape, start_latent: torch.Tensor) -> None:
+    def __init__(self, shape: LoopShape, start_latent: torch.Tensor, end_latent: torch.Tensor | None = None) -> None:
         self.shape = shape
         self.keep = window_size(shape.lws)
         zeros = torch.zeros((1, LATENT_CHANNELS, CONTEXT, shape.h, shape.w), dtype=torch.float32)
         self.history = zeros if shape.inverted else torch.cat([zeros, start_latent], dim=2)
+        if end_latent is not None and shape.inverted:  # the end frame: the first section's clean_latents_post
+            self.history = torch.cat([end_latent, zeros[:, :, 1:]], dim=2)
         self.generated = 0 if shape.inverted else 1
         self.next_section = 0
         self.segments: list[int] = []
@@ -153,6 +155,11 @@ class LoopInputs:
     times: Any = None  # framepack.pipeline.warm.StageTimes
     section_branches: list | None = None  # timed prompts: each generation index's positive branch
     section_prompts: list | None = None  # and its {prompt: weight}, for the events
+    # Image controls (framepack.pipeline.controls): the end latent in the first 1x history slot,
+    # keyframe latents as clean_latents_pre, and per-section image embeddings, by generation index.
+    end_latent: torch.Tensor | None = None
+    section_pre: dict | None = None
+    section_images: list | None = None
 
 
 class CancelRequested(KeyboardInterrupt):
@@ -182,7 +189,8 @@ def run_sections(inp: LoopInputs, state: LoopState) -> LoopResult:
         weights = inp.section_prompts[index] if inp.section_prompts is not None else {settings.prompt: 1.0}
         hook.framepack_on_section(event=SectionEvent(index, shape.sections, "start", time.perf_counter() - started,
                                                      prompts=weights))
-        layout, clean, clean_2x, clean_4x = state.context(padding, inp.start_latent)
+        pre = inp.section_pre.get(index, inp.start_latent) if inp.section_pre else inp.start_latent
+        layout, clean, clean_2x, clean_4x = state.context(padding, pre)
         context = SectionContext(
             indices_latents=layout.latent.to(device),
             latents_clean=clean.to(device, inp.tdtype),
@@ -246,7 +254,7 @@ def replay(inp: LoopInputs, upto: int, rewrite: set[int]) -> LoopState:
     written again from the decoded frames; the others are kept as they are.
     A checkpoint for the rebuilt state is written at the end."""
     shape, jobdir = inp.shape, inp.jobdir
-    state = LoopState(shape, inp.start_latent)
+    state = LoopState(shape, inp.start_latent, inp.end_latent)
     paddings = shape.paddings()
     for index in range(upto):
         state.draw_noise()  # keeps the generator where the loop had it
@@ -304,6 +312,8 @@ def _sample_section(inp: LoopInputs, context, noise, sigmas, index, started):
         inputs = inp.branches[branch]
         if branch == "positive" and inp.section_branches is not None:
             inputs = inp.section_branches[index]
+        if inp.section_images is not None:  # both branches see the section's image embedding
+            inputs = {**inputs, "image_embeds": inp.section_images[index]}
         return cache(forward, branch=branch, step=step, steps=steps, hidden_states=hidden_states, timestep=timestep,
                      **inputs, **context)
 

@@ -18,7 +18,7 @@ MAX_SIDE = 2048
 
 @dataclass(frozen=True)
 class JobSettings:
-    image: Path
+    image: Path | None  # None: text-to-video from a --blank start frame
     prompt: str
     output: Path
     negative_prompt: str = ""
@@ -36,6 +36,12 @@ class JobSettings:
     model: str | None = None
     prompt_cache: bool = True  # reuse prompt embeddings cached on disk
     prompt_blend: int = 0  # timed prompts: sections over which each change blends in (0 = hard switch)
+    # Creative controls (framepack.pipeline.controls, docs/controls.md).
+    end_image: Path | None = None
+    end_strength: float = 1.0
+    image_embeds: str | None = None  # start, linear, mean; None: linear with an end image, else start
+    keyframes: tuple[str, ...] = ()  # "TIME=IMAGE", TIME in seconds of the output video
+    blank: str = "gray"  # the start frame without --image
 
     def validate(self) -> "JobSettings":
         def bad(name: str, value, why: str) -> UserError:
@@ -78,12 +84,16 @@ class JobSettings:
                 raise bad("--size", f"{h}x{w}", f"height and width must be multiples of 16 between 16 and {MAX_SIDE}")
         if self.latents_out is not None and Path(self.latents_out).suffix != ".safetensors":
             raise bad("--latents-out", str(self.latents_out), "must end in .safetensors")
+        from framepack.pipeline.controls import validate_controls
+
+        validate_controls(self)
         return self
 
     def to_dict(self) -> dict:
         data = asdict(self)
-        for key in ("image", "output", "latents_out"):
+        for key in ("image", "output", "latents_out", "end_image"):
             data[key] = None if data[key] is None else str(data[key])
+        data["keyframes"] = list(data["keyframes"])
         return data
 
 
@@ -137,6 +147,10 @@ def _typed(name: str, kind: str, value: Any) -> Any:
         if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_int(v) for v in value)):
             raise bad()
         return (int(value[0]), int(value[1]))
+    if base == "tuple[str, ...]":
+        if not (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)):
+            raise bad()
+        return tuple(value)
     if base == "int":
         if not _is_int(value):
             raise bad()
