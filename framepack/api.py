@@ -119,7 +119,7 @@ class Pipeline:
                  profile: str | None = None, overrides: Iterable[str] | None = None,
                  job_dir: str | Path | None = None, preview: str | Path | None = None, preview_every: int = 1,
                  overwrite: bool = False, on_event: Callable[[Any], None] | None = None,
-                 cancel: threading.Event | None = None, **settings: Any):
+                 cancel: threading.Event | None = None, partial_video: bool = False, **settings: Any):
         """Run one job and return its ``GenerationResult``.
 
         Takes every setting ``framepack generate`` takes, under the same names:
@@ -173,11 +173,13 @@ class Pipeline:
             values["output"] = Path(f"framepack_{time.strftime('%Y%m%d_%H%M%S')}_{values.get('seed', 31337)}.mp4")
         job = JobSettings(**values)
         return self._run(job, profile, overrides, job_dir=job_dir, resume=False, preview=preview,
-                         preview_every=preview_every, overwrite=overwrite, on_event=on_event, cancel=cancel)
+                         preview_every=preview_every, overwrite=overwrite, on_event=on_event, cancel=cancel,
+                         partial_video=partial_video)
 
     def resume(self, job_dir: str | Path, *, preview: str | Path | None = None, preview_every: int = 1,
                overwrite: bool = False, recompute_from: int | None = None,
-               on_event: Callable[[Any], None] | None = None, cancel: threading.Event | None = None):
+               on_event: Callable[[Any], None] | None = None, cancel: threading.Event | None = None,
+               partial_video: bool = False):
         """Continue a job from its folder (a killed, interrupted or cancelled one);
         the result is bit-identical to an uninterrupted run."""
         from framepack.output.jobdir import JobDir
@@ -196,7 +198,7 @@ class Pipeline:
             self._engines.clear()
         return self._run(settings, job["profile"], overrides, job_dir=job_dir, resume=True, preview=preview,
                          preview_every=preview_every, overwrite=overwrite, on_event=on_event, cancel=cancel,
-                         recompute_from=recompute_from)
+                         recompute_from=recompute_from, partial_video=partial_video)
 
     def calibrate(self, cache: str, output: str | Path, image: str | Path, prompt: str, *,
                   profile: str | None = None, overrides: Iterable[str] | None = None, **settings: Any) -> dict:
@@ -222,7 +224,7 @@ class Pipeline:
                                    extra_plugins=self.plugins, store=self._store)
 
     def _run(self, settings, profile, overrides, *, job_dir, resume, preview, preview_every, overwrite, on_event,
-             cancel, recompute_from=None):
+             cancel, recompute_from=None, partial_video=False):
         from framepack.output.jobdir import JobDir
         from framepack.pipeline.generate import generate, preflight
 
@@ -252,7 +254,8 @@ class Pipeline:
                                 resume=resume, overrides=list(overrides if overrides is not None else self.overrides),
                                 config_files=self.config_files, overwrite=overwrite,
                                 preview=Path(preview) if preview is not None else None,
-                                recompute_from=recompute_from, store=self._store, cancel=cancel)
+                                recompute_from=recompute_from, store=self._store, cancel=cancel,
+                                partial_video=partial_video)
             finally:
                 for listener in listeners:
                     engine.plugins.manager.unregister(listener)

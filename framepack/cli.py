@@ -137,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="print the calibration file's summary as JSON on stdout")
     c.add_argument("--quiet", action="store_true", help="no progress on stderr")
     _add_profile_args(c)
+
+    # The render service (framepack/service, docs/service.md): serve, worker, queue.
+    from framepack.service.commands import add_parsers as add_service_parsers
+
+    add_service_parsers(sub)
     return parser
 
 
@@ -383,6 +388,15 @@ COMMANDS = {"generate": cmd_generate, "profiles": cmd_profiles, "plugins": cmd_p
             "make-full-model": cmd_make_full_model, "cache": cmd_cache,
             "resume": cmd_resume, "info": cmd_info,
             "calibrate": cmd_calibrate}
+
+
+def _service_command(args) -> int:
+    from framepack.service.commands import COMMANDS as SERVICE_COMMANDS
+
+    return SERVICE_COMMANDS[args.command](args)
+
+
+COMMANDS.update({name: _service_command for name in ("serve", "worker", "queue")})
 
 
 def quiet_library_logs() -> None:

@@ -174,3 +174,27 @@ def test_close_gives_the_cuda_memory_back(tiny_model, test_image, tmp_path):
     torch.cuda.synchronize()
     assert held > start  # the models were really on the device
     assert torch.cuda.memory_allocated() == start
+
+
+def test_partial_video_after_every_section(pipe, test_image, tmp_path):
+    """partial_video=True: after each finished section the video so far is playable
+    beside the output (what a UI shows), and it is gone once the job completes."""
+    import av
+
+    output = tmp_path / "p.mp4"
+    partial = tmp_path / "p.partial.mp4"
+    seen = []
+
+    def on_event(event):
+        if isinstance(event, SectionEvent) and event.phase == "end":
+            if not partial.exists():  # the first section's frames wait for the next one's cross-fade
+                seen.append(0)
+                return
+            with av.open(str(partial)) as container:
+                seen.append(sum(1 for _ in container.decode(video=0)))
+
+    result = pipe.generate(test_image, "a fox", output=output, on_event=on_event, partial_video=True,
+                           **{**FAST, "seconds": 3.6})
+    assert result.sections == 3 and len(seen) == 3
+    assert 0 < seen[1] < seen[2] < result.frames
+    assert output.exists() and not partial.exists()

@@ -35,7 +35,7 @@ def shots(tmp_path_factory) -> Path:
 def server(tmp_path_factory, tiny_model):
     root = tmp_path_factory.mktemp("ui-service")
     srv = Server(f"sqlite:///{root / 'queue.sqlite3'}", root / "storage", "--model", str(tiny_model),
-                 "--workers", "1").start(timeout=120)
+                 "--workers", "1", ui=True).start(timeout=120)
     yield srv
     srv.stop()
 
@@ -61,14 +61,17 @@ def _set_number(page, elem_id: str, value) -> None:
     box = page.locator(f"#{elem_id} input[type=number]").first
     box.fill(str(value))
     box.press("Enter")
+    box.blur()  # Gradio takes a slider's typed value on change/blur
+    playwright_api.expect(box).to_have_value(str(value))
 
 
 def _fill_job(page, image: Path, prompt: str, seconds: float, steps: int, window: int = 3) -> None:
     page.locator("#start-image input[type=file]").set_input_files(str(image))
     page.locator("#prompt textarea").fill(prompt)
     _set_number(page, "seconds", seconds)
+    if not page.locator("#steps input[type=number]").first.is_visible():
+        page.get_by_text("Sampling", exact=True).first.click()  # open the accordion with steps, window and size
     _set_number(page, "steps", steps)
-    page.get_by_text("Sampling").first.click()  # open the accordion that holds window and size
     _set_number(page, "window-slider", window)
     page.locator("#size textarea, #size input").first.fill("64x64")
 
@@ -98,9 +101,11 @@ def test_generate_stop_resume_queue_and_load_settings(server, page, test_image, 
     page.screenshot(path=str(shots / "01-open.png"), full_page=True)
 
     _fill_job(page, test_image, "[0s: a wave rolls in] [0.4s: it breaks]", seconds=1.2, steps=2)
-    sections = page.locator("#prompt-sections").inner_text()
-    assert "3 section(s)" in sections and "it breaks" in sections
-    assert "Memory plan" in page.locator("#memory-plan").inner_text()
+    expect = playwright_api.expect
+    expect(page.locator("#prompt-sections")).to_contain_text("3 section(s)", timeout=60_000)
+    expect(page.locator("#prompt-sections")).to_contain_text("0.40-0.80 s: it breaks")
+    expect(page.locator("#memory-plan")).to_contain_text("64x64, 3 sections", timeout=60_000)
+    expect(page.locator("#memory-plan")).to_contain_text("fits this machine")
     page.locator("#generate-now").click()
     page.locator("#progress [data-status]").wait_for()
     first = _job_id(page)
@@ -143,19 +148,33 @@ def test_generate_stop_resume_queue_and_load_settings(server, page, test_image, 
     _wait_status(page, {"done"}, 60)
 
     page.get_by_role("tab", name="Queue").click()
+    time.sleep(3)
+    page.screenshot(path=str(shots / "04-queue-before.png"), full_page=True)
     table = page.locator("#queue-table")
     page.wait_for_function(f"() => document.querySelector('#queue-table').innerText.includes('{second}')")
     assert first in table.inner_text() and second in table.inner_text()
     page.screenshot(path=str(shots / "04-queue.png"), full_page=True)
 
     page.get_by_role("tab", name="Outputs").click()
-    page.locator("#finished").click()
+    page.locator("#finished input").click()
     page.get_by_role("option").filter(has_text=first).first.click()
     page.locator("#output-video video").wait_for()
     assert first in page.locator("#output-metadata").inner_text()
     page.locator("#load-settings").click()
     page.wait_for_function("() => document.querySelector('#prompt textarea').value.includes('it breaks')")
     page.screenshot(path=str(shots / "05-loaded.png"), full_page=True)
+
+    # Presets: the Generate tab's settings under a name, in the service's database.
+    page.get_by_role("tab", name="Presets").click()
+    page.locator("#preset-name textarea, #preset-name input").first.fill("short wave")
+    page.locator("#save-preset").click()
+    playwright_api.expect(page.locator("#preset-list input")).to_have_value("short wave", timeout=30_000)
+    assert server.client().get("/api/presets").json()  # stored by the service, not the page
+    page.get_by_role("tab", name="Generate").click()
+    page.locator("#prompt textarea").fill("something else")
+    page.get_by_role("tab", name="Presets").click()
+    page.locator("#load-preset").click()
+    page.wait_for_function("() => document.querySelector('#prompt textarea').value.includes('it breaks')")
 
 
 def test_phone_width_keeps_the_controls_usable(server, browser, shots):
@@ -172,7 +191,7 @@ def test_phone_width_keeps_the_controls_usable(server, browser, shots):
 
 def test_with_auth_the_login_page_blocks_the_ui(tmp_path, tiny_model, browser, shots):
     srv = Server(f"sqlite:///{tmp_path / 'q.sqlite3'}", tmp_path / "storage", "--model", str(tiny_model),
-                 "--workers", "0", token=TOKEN).start(timeout=120)
+                 "--workers", "0", token=TOKEN, ui=True).start(timeout=120)
     try:
         assert httpx.get(srv.url + "/api/jobs").status_code == 401
         context = browser.new_context()
@@ -185,6 +204,8 @@ def test_with_auth_the_login_page_blocks_the_ui(tmp_path, tiny_model, browser, s
         page.get_by_label("Password").fill("not the token")
         page.get_by_role("button", name="Login").click()
         page.get_by_text("Incorrect").first.wait_for()
+        assert page.locator("#prompt").count() == 0
+        page.get_by_label("Username").fill("me")
         page.get_by_label("Password").fill(TOKEN)
         page.get_by_role("button", name="Login").click()
         page.locator("#prompt textarea").wait_for()

@@ -64,7 +64,7 @@ def test_the_queue_lists_running_then_queued_in_order_then_the_rest():
         {"id": "hi", "status": "queued", "priority": 5, "position": 9, "settings": {"prompt": "p"}},
         {"id": "r", "status": "running", "progress": {"sections": 2, "section": 1, "steps": 10, "step": 4},
          "settings": {"prompt": "p", "seconds": 2}},
-        {"id": "d2", "status": "done", "created_at": "2026-01-02T00:00:00", "settings": {"prompt": "p"}},
+        {"id": "d2", "status": "done", "created_at": 1767312000.0, "settings": {"prompt": "p"}},  # 2026-01-02
     ]
     rows = views.queue_rows(jobs)
     assert [r[0] for r in rows] == ["r", "hi", "q1", "q2", "d2", "d"]

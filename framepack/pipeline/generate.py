@@ -294,7 +294,8 @@ def generate(settings: JobSettings, engine: Engine, image: np.ndarray | None = N
              jobdir: JobDir | None = None, resume: bool = False,
              overrides: list[str] = (), config_files: list = (), overwrite: bool = False,
              preview: Path | None = None, recompute_from: int | None = None,
-             store: ModelStore | None = None, cancel: threading.Event | None = None) -> GenerationResult:
+             store: ModelStore | None = None, cancel: threading.Event | None = None,
+             partial_video: bool = False) -> GenerationResult:
     """Run a job, or continue one (``resume``) from its job folder.
 
     ``image`` is the result of ``preflight(settings)`` when the caller already
@@ -305,7 +306,9 @@ def generate(settings: JobSettings, engine: Engine, image: np.ndarray | None = N
     ``preview`` is only checked here (the caller writes it). ``store`` holds
     models between jobs (framepack.pipeline.warm; default: a store that
     keeps nothing). ``cancel`` set stops the job at the next step boundary
-    with ``framepack.errors.Cancelled``, as Ctrl-C does."""
+    with ``framepack.errors.Cancelled``, as Ctrl-C does. ``partial_video``:
+    after every section, the video so far as the ``.partial`` file beside
+    the output (a UI shows it; it is removed when the job completes)."""
     started = time.perf_counter()
     if image is None:
         image = preflight(settings)
@@ -359,7 +362,8 @@ def generate(settings: JobSettings, engine: Engine, image: np.ndarray | None = N
             note(f"{names.renamed_from} exists; writing {names.main} instead (--overwrite replaces it)")
         with PeakMemory() as peak:
             result = _run(settings, engine, image, source, plan, device, dtype, height, width, sections, outputs,
-                          jobdir, record, resuming if resume else None, store or ModelStore(), cancel, started)
+                          jobdir, record, resuming if resume else None, store or ModelStore(), cancel, started,
+                          partial_video)
         result.peak_ram_gb, result.peak_vram_gb = peak.peak_ram_gb, peak.peak_vram_gb
         written = result.outputs
         status = "done"
@@ -386,7 +390,8 @@ def generate(settings: JobSettings, engine: Engine, image: np.ndarray | None = N
 
 
 def _run(settings, engine, image, source, plan, device, dtype, height, width, sections, outputs, jobdir, record,
-         resuming: ResumePlan | None, store: ModelStore, cancel, started: float) -> GenerationResult:
+         resuming: ResumePlan | None, store: ModelStore, cancel, started: float,
+         partial_video: bool = False) -> GenerationResult:
     ch, lws = engine.choices, settings.latent_window_size
     times = StageTimes()
     store.take_loaded()
@@ -497,6 +502,8 @@ def _run(settings, engine, image, source, plan, device, dtype, height, width, se
     inputs.cache.bind(inputs.transformer)
 
     metadata = container_tags(record)
+    if partial_video:
+        inputs.partial_metadata = metadata
     loop = run_sections(inputs, state)
     names = outputs.names
     with times.measure("write"):

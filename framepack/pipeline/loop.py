@@ -160,6 +160,9 @@ class LoopInputs:
     end_latent: torch.Tensor | None = None
     section_pre: dict | None = None
     section_images: list | None = None
+    # Set (the container tags): after every finished section the segments so far
+    # are joined into the playable partial video, as the original's demo shows it.
+    partial_metadata: dict | None = None
 
 
 class CancelRequested(KeyboardInterrupt):
@@ -213,6 +216,9 @@ def run_sections(inp: LoopInputs, state: LoopState) -> LoopResult:
         if last:
             latents = torch.cat([inp.start_latent, latents], dim=2)
         _finish_section(inp, state, index, latents, last)
+        if inp.partial_metadata is not None and state.segments:
+            with _timed(inp, "write"):
+                inp.outputs.join(list(state.segments), inp.partial_metadata, partial=True)
         hook.framepack_on_section(
             event=SectionEvent(index, shape.sections, "end", time.perf_counter() - started,
                                computed=result.computed_steps[-1], skipped=result.skipped_steps[-1], prompts=weights)

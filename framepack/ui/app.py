@@ -8,6 +8,7 @@ Resume), Queue, Outputs, Presets."""
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 from pathlib import Path
@@ -76,8 +77,29 @@ def profile_choices() -> tuple[list[str], str]:
     return ["auto", *sorted(profiles.profiles)], why
 
 
-def build_ui(client: ApiClient, *, poll_s: float = 1.0) -> gr.Blocks:
+@functools.lru_cache(maxsize=128)
+def _plan_text(model, variant, seconds, window, resolution, size, image_size, profile) -> str:
+    """The memory plan line; cached, as the form asks again on every change."""
+    from framepack.pipeline.memory_plan import plan_for
+
+    try:
+        view = plan_for(model=model, variant=variant, seconds=seconds, window=window, resolution=resolution,
+                        size=size, image_size=image_size, profile=profile)
+    except (UserError, ValueError, OSError) as exc:
+        return f"Memory plan: {exc}"
+    mark = "fits" if view.fits else "does not fit"
+    return (f"**Memory plan** ({view.profile}, {view.height}x{view.width}, {view.sections} sections, "
+            f"{view.frames} frames, {mark}): {view.message}")
+
+
+def build_ui(client: ApiClient, *, default_model: str | None = None, default_profile: str | None = None,
+             poll_s: float = 1.0) -> gr.Blocks:
+    """The app. ``default_model`` / ``default_profile``: what the service's
+    workers use for a job that names none (their --model and --profile), so the
+    memory plan is the plan of the job that will run."""
     profiles, profile_why = profile_choices()
+    if default_profile:
+        profile_why = f"auto = **{default_profile}**: the service's workers run jobs that name none with it"
     with gr.Blocks(title="framepack") as ui:
         gr.Markdown("# framepack\nOne image and a prompt into a long video (FramePack). Jobs run in the "
                     "service's queue: close the page and they go on.")
@@ -141,7 +163,8 @@ def build_ui(client: ApiClient, *, poll_s: float = 1.0) -> gr.Blocks:
                     with gr.Column(min_width=320):
                         message = gr.Markdown("", elem_id="message")
                         progress = gr.HTML(views.progress_html(None), elem_id="progress")
-                        preview = gr.Image(label="Latest latent preview", interactive=False, elem_id="preview")
+                        preview = gr.Image(label="Latest latent preview", interactive=False, elem_id="preview",
+                                           height=240)
                         video = gr.Video(label="Video (the partial one after each section)", interactive=False,
                                          elem_id="video")
                         with gr.Row():
@@ -200,10 +223,10 @@ def build_ui(client: ApiClient, *, poll_s: float = 1.0) -> gr.Blocks:
             return views.prompt_sections(text, secs, win, blend_n)
 
         for trigger in (prompt, seconds, window, blend):
-            trigger.change(live_sections, [prompt, seconds, window, blend], sections_view, show_progress="hidden")
+            trigger.change(live_sections, [prompt, seconds, window, blend], sections_view, show_progress="hidden",
+                           trigger_mode="always_last")
 
         def live_plan(img, secs, win, res, size_text, var, prof, mdl):
-            from framepack.pipeline.memory_plan import plan_for
             from framepack.pipeline.settings import parse_size
 
             try:
@@ -214,19 +237,16 @@ def build_ui(client: ApiClient, *, poll_s: float = 1.0) -> gr.Blocks:
                     with Image.open(img) as opened:
                         image_size = (opened.height, opened.width)
                 exact = parse_size(size_text) if (size_text or "").strip() else None
-                view = plan_for(model=(mdl or "").strip() or client_default_model(), variant=var,
-                                seconds=float(secs), window=int(win), resolution=int(res), size=exact,
-                                image_size=image_size, profile=None if prof == "auto" else prof)
             except (UserError, ValueError, OSError) as exc:
                 return f"Memory plan: {exc}"
-            mark = "fits" if view.fits else "does not fit"
-            return (f"**Memory plan** ({view.profile}, {view.height}x{view.width}, {view.sections} sections, "
-                    f"{view.frames} frames, {mark}): {view.message}")
+            chosen = default_profile if prof == "auto" else prof
+            return _plan_text((mdl or "").strip() or default_model, var, float(secs), int(win), int(res), exact,
+                              image_size, chosen)
 
         plan_inputs = [image, seconds, window, resolution, size, variant, profile, model]
         for trigger in plan_inputs:
-            trigger.change(live_plan, plan_inputs, plan_view, show_progress="hidden")
-        ui.load(live_plan, plan_inputs, plan_view)
+            trigger.change(live_plan, plan_inputs, plan_view, show_progress="hidden", trigger_mode="always_last")
+        ui.load(live_plan, plan_inputs, plan_view, show_progress="hidden")
 
         cfg.change(lambda c: gr.update(visible=float(c) > 1.0), cfg, negative)
         dice.click(lambda: random.randrange(2**31), None, seed)
@@ -434,12 +454,8 @@ def build_ui(client: ApiClient, *, poll_s: float = 1.0) -> gr.Blocks:
     return ui
 
 
-def client_default_model() -> str | None:
-    """The model the service's workers use when a job names none (FRAMEPACK_MODEL), for the plan."""
-    return os.environ.get("FRAMEPACK_MODEL") or None
-
-
-def mount_ui(app, client: ApiClient, *, token: str | None = None, path: str = "/"):
+def mount_ui(app, client: ApiClient, *, token: str | None = None, path: str = "/", default_model: str | None = None,
+             default_profile: str | None = None):
     """Mount the UI on the service's FastAPI app. With a token, a login page
     asks for it (any user name, the token as the password)."""
     import hmac
@@ -448,6 +464,7 @@ def mount_ui(app, client: ApiClient, *, token: str | None = None, path: str = "/
     if token:
         def auth(username: str, password: str) -> bool:
             return hmac.compare_digest(password.encode(), token.encode())
-    return gr.mount_gradio_app(app, build_ui(client), path=path, auth=auth, css=CSS,
+    ui = build_ui(client, default_model=default_model, default_profile=default_profile)
+    return gr.mount_gradio_app(app, ui, path=path, auth=auth, css=CSS,
                                auth_message="The token from the service's --auth file.",
                                allowed_paths=[str(client.cache_dir)], footer_links=[])

@@ -3,6 +3,7 @@ the form's values (no Gradio here, so each is tested on its own)."""
 
 from __future__ import annotations
 
+import datetime
 import html
 import math
 from typing import Any
@@ -162,7 +163,7 @@ def queue_rows(jobs: list[dict]) -> list[list[Any]]:
         rank = STATUS_ORDER.index(status) if status in STATUS_ORDER else len(STATUS_ORDER)
         if status == "queued":
             return (rank, -(job.get("priority") or 0), job.get("position") or 0, "")
-        return (rank, 0, 0, _invert(job.get("created_at") or ""))
+        return (rank, 0, 0, -_timestamp(job.get("created_at")))
 
     rows = []
     for job in sorted(jobs, key=order):
@@ -176,13 +177,25 @@ def queue_rows(jobs: list[dict]) -> list[list[Any]]:
         settings = job.get("settings") or {}
         rows.append([job.get("id"), job.get("status"), _short(str(settings.get("prompt", "")), 50),
                      settings.get("seconds", DEFAULTS["seconds"]), job.get("priority", 0), job.get("position"),
-                     share, (job.get("created_at") or "")[:19]])
+                     share, _when(job.get("created_at"))])
     return rows
 
 
-def _invert(text: str) -> str:
-    """A sort key that puts later timestamps first."""
-    return "".join(chr(0x10FFFF - ord(c)) for c in text)
+def _timestamp(value) -> float:
+    """Seconds since the epoch from the service's timestamps (numbers, or ISO 8601 text)."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str) and value:
+        try:
+            return datetime.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            return 0.0
+    return 0.0
+
+
+def _when(value) -> str:
+    stamp = _timestamp(value)
+    return datetime.datetime.fromtimestamp(stamp).strftime("%Y-%m-%d %H:%M:%S") if stamp else ""
 
 
 def video_name(job: dict) -> str | None:
