@@ -23,6 +23,7 @@ SETTINGS = {
     "variant": "variant", "seconds": "seconds", "steps": "steps", "seed": "seed", "gs": "gs", "cfg": "cfg",
     "rs": "rs", "window": "latent_window_size", "resolution": "resolution", "size": "size",
     "latents_out": "latents_out", "model": "model", "prompt_cache": "prompt_cache", "prompt_blend": "prompt_blend",
+    "loras": "loras", "lora_strict": "lora_strict",  # [(path, scale), ...] or "PATH[:SCALE]"; docs/lora.md
 }
 KEEP_CHOICES = ("auto", "all", "none")
 
@@ -145,6 +146,10 @@ class Pipeline:
                 given[key] = float(given[key])
         if isinstance(given.get("size"), str):
             given["size"] = parse_size(given["size"])
+        if "loras" in given:
+            from framepack.pipeline.loras import normalize_loras
+
+            given["loras"] = normalize_loras(given["loras"])
         if given.get("size") is not None:
             given["size"] = tuple(given["size"])
         for key in ("image", "output", "latents_out"):

@@ -229,6 +229,9 @@ def format_metadata(metadata: dict) -> str:
     image = metadata.get("inputs", {}).get("image", {})
     if image.get("sha256"):
         lines.append(f"  image sha256: {image['sha256']}")
+    for lora in metadata.get("inputs", {}).get("loras", []):  # framepack.pipeline.loras.lora_records
+        if isinstance(lora, dict):
+            lines.append(f"  lora: {lora.get('file')} at {lora.get('scale')}, sha256 {lora.get('sha256')}")
     lines.append(f"profile: {metadata.get('profile')}")
     backends = metadata.get("backends", {})
     if backends:
