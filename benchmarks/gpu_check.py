@@ -472,7 +472,6 @@ def measure_vae(check: Check, shapes: Shapes, device) -> None:
             if peak is not None:
                 row["planner_error"] = (estimate / GIB) / (peak - weights / GIB) - 1
             check.put("vae", label, row)
-    del vae, latents
 
 
 # ---------------------------------------------------------------- weight formats

@@ -26,6 +26,7 @@ SETTINGS = {
     # creative controls (docs/controls.md)
     "end_image": "end_image", "end_strength": "end_strength", "image_embeds": "image_embeds",
     "keyframes": "keyframes", "blank": "blank",
+    "loras": "loras", "lora_strict": "lora_strict",  # [(path, scale), ...] or "PATH[:SCALE]"; docs/lora.md
 }
 CONTROL_ONLY = ("prompts",)  # generate() settings that become others: prompts (a file or list) -> prompt
 KEEP_CHOICES = ("auto", "all", "none")
@@ -154,6 +155,10 @@ class Pipeline:
                 given[key] = float(given[key])
         if isinstance(given.get("size"), str):
             given["size"] = parse_size(given["size"])
+        if "loras" in given:
+            from framepack.pipeline.loras import normalize_loras
+
+            given["loras"] = normalize_loras(given["loras"])
         if given.get("size") is not None:
             given["size"] = tuple(given["size"])
         for key in ("image", "output", "latents_out", "end_image"):

@@ -81,7 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace existing outputs (default: an existing output gets a new name, -1, -2, ...)")
     g.add_argument("--no-prompt-cache", action="store_true",
                    help="encode the prompt even if its embedding is cached on disk (and do not cache it)")
+    g.add_argument("--lora", dest="loras", action="append", default=None, metavar="PATH[:SCALE]",
+                   help="merge a LoRA (.safetensors; a bare name is looked up in FRAMEPACK_LORA_DIR) at SCALE "
+                        "(default 1); repeatable, the updates add up (docs/lora.md)")
+    g.add_argument("--lora-strict", choices=("on", "off"), default=None,
+                   help="LoRA keys that match no transformer module: on = error (default), off = a note")
     _add_profile_args(g)
+
+    lo = sub.add_parser("loras", help="list the LoRA folder (FRAMEPACK_LORA_DIR): format, rank, modules, size")
+    lo.add_argument("--json", action="store_true")
 
     p = sub.add_parser("profiles", help="list profiles, which one matches this machine, and why")
     p.add_argument("--json", action="store_true")
@@ -179,6 +187,10 @@ def cmd_generate(args) -> int:
     settings = {name: getattr(args, dest) for dest, name in GENERATE_FLAGS.items() if getattr(args, dest) is not None}
     if args.no_prompt_cache:
         settings["prompt_cache"] = False
+    if args.loras is not None:
+        settings["loras"] = list(args.loras)  # "PATH[:SCALE]" strings, split in framepack.pipeline.loras
+    if args.lora_strict is not None:
+        settings["lora_strict"] = args.lora_strict == "on"
     if args.from_ is None and args.prompt is None and args.prompts is None:
         raise UserError("--prompt (or --prompts) required (or --from a previous video or its .json)")
     with _pipeline(args, args.profile, args.overrides, args.config_files) as pipe:
@@ -323,6 +335,22 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_loras(args) -> int:
+    from framepack.models.lora_formats import describe_lora_dir
+
+    folder, rows = describe_lora_dir()
+    if args.json:
+        print(json.dumps({"folder": str(folder), "loras": rows}, indent=2))
+        return 0
+    where = "" if folder.is_dir() else " (no such folder yet: create it and put .safetensors LoRAs there)"
+    print(f"{folder}: {len(rows)} LoRA file(s){where}")
+    for row in rows:
+        what = row["error"] if "error" in row else (
+            f"{row['format']}, rank {'/'.join(map(str, row['ranks']))}, {row['modules']} modules")
+        print(f"  {row['file']}  {row['size_mb']:.1f} MB  {what}")
+    return 0
+
+
 def cmd_cache(args) -> int:
     from framepack.models.prompt_cache import PromptCache
 
@@ -385,7 +413,7 @@ def cmd_calibrate(args) -> int:
 
 
 COMMANDS = {"generate": cmd_generate, "profiles": cmd_profiles, "plugins": cmd_plugins, "make-tiny-model": cmd_make_tiny_model,
-            "make-full-model": cmd_make_full_model, "cache": cmd_cache,
+            "make-full-model": cmd_make_full_model, "cache": cmd_cache, "loras": cmd_loras,
             "resume": cmd_resume, "info": cmd_info,
             "calibrate": cmd_calibrate}
 

@@ -57,6 +57,12 @@ PROFILE_KEYS: dict[str, tuple[str, Any]] = {
     "vae": ("a backend name", lambda v: isinstance(v, str)),
     "quantize": ("a table", lambda v: isinstance(v, dict)),
     "options": ("a table of backend tables", lambda v: isinstance(v, dict) and all(isinstance(t, dict) for t in v.values())),
+    # LoRAs a job uses when it names none: [{ path = "x.safetensors", scale = 0.8 }] (docs/lora.md)
+    "loras": ("a list of { path = \"...\", scale = NUMBER } tables",
+              lambda v: isinstance(v, list) and all(
+                  isinstance(t, dict) and isinstance(t.get("path"), str) and set(t) <= {"path", "scale"}
+                  and (isinstance(t.get("scale", 1.0), (int, float)) and not isinstance(t.get("scale"), bool))
+                  for t in v)),
 }
 MATCH_KEYS: dict[str, tuple[str, Any]] = {
     "device": ("cuda, mps, cpu or a list of them", lambda v: (v if isinstance(v, list) else [v]) and all(x in ("cuda", "mps", "cpu") for x in (v if isinstance(v, list) else [v]))),
@@ -91,6 +97,7 @@ class Profile:
     image_encoder: str = "siglip"
     vae: str = "hunyuan_vae"
     quantize: dict[str, str] = field(default_factory=lambda: {"transformer": "none", "text_encoder": "none"})
+    loras: tuple[tuple[str, float], ...] = ()  # (path or bare name, scale)
 
     def where(self, key: str) -> str:
         return f"{' + '.join(self.sources)}: [profiles.{self.name}] {key}"
@@ -281,6 +288,7 @@ def finish_profile(name: str, table: dict[str, Any], sources: tuple[str, ...]) -
         image_encoder=table.get("image_encoder", "siglip"),
         vae=table.get("vae", "hunyuan_vae"),
         quantize={"transformer": "none", "text_encoder": "none", **table.get("quantize", {})},
+        loras=tuple((t["path"], float(t.get("scale", 1.0))) for t in table.get("loras", [])),
     )
 
 

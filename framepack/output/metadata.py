@@ -237,10 +237,15 @@ def format_metadata(metadata: dict) -> str:
     for key, value in metadata.get("settings", {}).items():
         lines.append(f"  {key}: {value}")
     for role, value in metadata.get("inputs", {}).items():
+        if role == "loras":
+            continue  # below, with their scales
         for each in value if isinstance(value, list) else [value]:
             if isinstance(each, dict) and each.get("sha256"):
                 at = f" at {each['time']} s" if each.get("time") is not None else ""
                 lines.append(f"  {role.replace('_', ' ').removesuffix('s')}{at} sha256: {each['sha256']} ({each.get('path')})")
+    for lora in metadata.get("inputs", {}).get("loras", []):  # framepack.pipeline.loras.lora_records
+        if isinstance(lora, dict):
+            lines.append(f"  lora: {lora.get('file')} at {lora.get('scale')}, sha256 {lora.get('sha256')}")
     lines.append(f"profile: {metadata.get('profile')}")
     backends = metadata.get("backends", {})
     if backends:

@@ -44,6 +44,7 @@ from framepack.pipeline.loop import CancelRequested, LoopInputs, LoopShape, Loop
 from framepack.pipeline.warm import ModelStore, StageTimes
 from framepack.pipeline.sections import FPS, section_count, total_pixel_frames
 from framepack.pipeline.transformer import load_transformer
+from framepack.pipeline.loras import check_loras_unchanged, lora_records, prepare_job_loras, resolve_job_loras
 from framepack.output.writing import check_output_path, refuse_overlap
 
 TEXT_TOKENS = 512  # text embeddings are cropped or zero-padded to this, with a mask
@@ -144,12 +145,15 @@ class Interrupted(Cancelled):
 def _job_record(settings, engine, source, parts, sections, height, width, overrides, config_files,
                 writers) -> dict:
     """Everything needed to re-run or continue the job (framepack.output.metadata)."""
-    return build_metadata(
+    record = build_metadata(
         settings, engine.profile.name, engine_backends(engine, writers), model_info(source, parts),
         extra={"fps": FPS, "width": width, "height": height, "sections": sections,
                "frames": total_pixel_frames(sections, settings.latent_window_size),
                "overrides": list(overrides), "config_files": [str(Path(p).absolute()) for p in config_files]},
     )
+    if settings.loras:
+        record["inputs"]["loras"] = lora_records(settings)  # file name, sha256, scale (resume checks them)
+    return record
 
 
 def engine_backends(engine: Engine, writers=None) -> dict[str, str]:
@@ -338,7 +342,8 @@ def generate(settings: JobSettings, engine: Engine, image: np.ndarray | None = N
     plan = plan_job(engine, source, height, width, total_pixel_frames(sections, lws), lws, settings.variant == "original")
     device = execution_device(engine)
     dtype = {part: torch_dtype(name) for part, name in engine.profile.dtype.items()}
-    settings = dataclasses.replace(settings, output=names.main)
+    settings = resolve_job_loras(dataclasses.replace(settings, output=names.main), engine.profile)
+    loras = prepare_job_loras(settings, source)  # a bad LoRA stops here, before the job folder exists
     record = _job_record(settings, engine, source, parts, sections, height, width, overrides, config_files,
                          names.writers)
     outputs = SegmentOutputs(names, jobdir, width, height, settings.variant == "original", FPS)
@@ -353,6 +358,7 @@ def generate(settings: JobSettings, engine: Engine, image: np.ndarray | None = N
             recorded = jobdir.read_job()
             check_resumable(recorded, record)
             check_inputs_unchanged(recorded, record)
+            check_loras_unchanged(recorded, record)
             resuming = plan_resume(jobdir, outputs, sections, recompute_from)
             record = recorded  # the outputs describe the job as it started
         else:
@@ -363,7 +369,7 @@ def generate(settings: JobSettings, engine: Engine, image: np.ndarray | None = N
         with PeakMemory() as peak:
             result = _run(settings, engine, image, source, plan, device, dtype, height, width, sections, outputs,
                           jobdir, record, resuming if resume else None, store or ModelStore(), cancel, started,
-                          partial_video)
+                          loras, partial_video)
         result.peak_ram_gb, result.peak_vram_gb = peak.peak_ram_gb, peak.peak_vram_gb
         written = result.outputs
         status = "done"
@@ -390,7 +396,7 @@ def generate(settings: JobSettings, engine: Engine, image: np.ndarray | None = N
 
 
 def _run(settings, engine, image, source, plan, device, dtype, height, width, sections, outputs, jobdir, record,
-         resuming: ResumePlan | None, store: ModelStore, cancel, started: float,
+         resuming: ResumePlan | None, store: ModelStore, cancel, started: float, loras,
          partial_video: bool = False) -> GenerationResult:
     ch, lws = engine.choices, settings.latent_window_size
     times = StageTimes()
@@ -492,12 +498,18 @@ def _run(settings, engine, image, source, plan, device, dtype, height, width, se
 
     with times.measure("load"):
         attention = ch["attention"]
+        # Pre-merge copies cost RAM (the touched weights once): only a kept transformer needs them.
+        loras.keep_originals = "transformer" in store.keep
         inputs.transformer = store.get(
             "transformer", (model_key("transformer"), dtype["transformer"], quantize["transformer"], attention.name,
                             attention.options, str(device)),
-            lambda: load_transformer(source, dtype["transformer"], build_attention(attention.backend, attention.options),
-                                     quantize["transformer"], device),
+            # LoRAs merge into a fresh model before the offload policy places it; a warm one
+            # switches in place (framepack.models.lora) without loading again.
+            lambda: loras.merge_into(load_transformer(
+                source, dtype["transformer"], build_attention(attention.backend, attention.options),
+                quantize["transformer"], device)),
             lambda obj: {"transformer": obj})
+        loras.merge_into(inputs.transformer)
     inputs.cache = ch["cache"].backend.make_cache(ch["cache"].options)
     inputs.cache.bind(inputs.transformer)
 

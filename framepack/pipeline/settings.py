@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from framepack.errors import UserError
+from framepack.models.lora_formats import check_scale
 from framepack.models.sources import VARIANTS
 
 MAX_SECONDS = 600.0  # 10 minutes = 500 sections; longer is almost surely a typo
@@ -42,6 +43,8 @@ class JobSettings:
     image_embeds: str | None = None  # start, linear, mean; None: linear with an end image, else start
     keyframes: tuple[str, ...] = ()  # "TIME=IMAGE", TIME in seconds of the output video
     blank: str = "gray"  # the start frame without --image
+    loras: tuple[tuple[str, float], ...] = ()  # (path or bare name in the LoRA folder, scale); docs/lora.md
+    lora_strict: bool = True  # LoRA keys that match no module are an error (False: a note)
 
     def validate(self) -> "JobSettings":
         def bad(name: str, value, why: str) -> UserError:
@@ -61,6 +64,11 @@ class JobSettings:
         if isinstance(self.prompt_blend, bool) or not isinstance(self.prompt_blend, int) or \
                 not 0 <= self.prompt_blend <= 50:
             raise bad("--prompt-blend", self.prompt_blend, "must be a whole number of sections from 0 to 50")
+        if not isinstance(self.loras, tuple) or not all(
+                isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) for x in self.loras):
+            raise bad("--lora", self.loras, "must be (path, scale) pairs")
+        for path, scale in self.loras:
+            check_scale(path, scale)
         if self.variant not in VARIANTS:
             raise bad("--variant", self.variant, f"must be one of {', '.join(VARIANTS)}")
         if not math.isfinite(self.seconds) or self.seconds <= 0:
@@ -91,6 +99,7 @@ class JobSettings:
 
     def to_dict(self) -> dict:
         data = asdict(self)
+        data["loras"] = [[path, scale] for path, scale in self.loras]
         for key in ("image", "output", "latents_out", "end_image"):
             data[key] = None if data[key] is None else str(data[key])
         data["keyframes"] = list(data["keyframes"])
@@ -143,6 +152,12 @@ def _typed(name: str, kind: str, value: Any) -> Any:
         if not isinstance(value, str):
             raise bad()
         return Path(value)
+    if base == "tuple[tuple[str, float], ...]":  # loras: [[path, scale], ...]
+        if not (isinstance(value, list) and all(
+                isinstance(v, list) and len(v) == 2 and isinstance(v[0], str) and isinstance(v[1], (int, float))
+                and not isinstance(v[1], bool) for v in value)):
+            raise bad()
+        return tuple((v[0], float(v[1])) for v in value)
     if base == "tuple[int, int]":
         if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_int(v) for v in value)):
             raise bad()

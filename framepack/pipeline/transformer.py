@@ -50,12 +50,27 @@ def load_transformer(
 
                 restore_output_head(model, checkpoint_files(where, sub), dtype)
     model.eval().requires_grad_(False)
+    from framepack.models.lora import WeightOrigin
+
+    # Where a LoRA merge reads the weights' originals: the checkpoint (framepack.models.lora).
+    model._framepack_weights = WeightOrigin(where, sub, dtype)
     if not (model.config.has_image_proj and model.config.has_clean_x_embedder):
         raise ValueError("the transformer config must set has_image_proj and has_clean_x_embedder (FramePack checkpoints do)")
     install_attention(model, kernel)
     if dtype != torch.float32:
         keep_output_head_fp32(model)
     return model
+
+
+def transformer_weight_shapes(source) -> dict[str, tuple[int, ...]]:
+    """Every parameter's shape as the config builds it (a meta model: no weights load)."""
+    from accelerate import init_empty_weights
+    from diffusers import HunyuanVideoFramepackTransformer3DModel as cls
+
+    where, sub = source.location("transformer")
+    with init_empty_weights():
+        model = cls.from_config(cls.load_config(where, subfolder=sub))
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
 
 
 def _load_fp8(cls, where: str, sub: str | None, dtype: torch.dtype) -> torch.nn.Module:

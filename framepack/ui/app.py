@@ -460,10 +460,10 @@ def mount_ui(app, client: ApiClient, *, token: str | None = None, path: str = "/
     asks for it (any user name, the token as the password)."""
     import hmac
 
-    auth = None
-    if token:
-        def auth(username: str, password: str) -> bool:
-            return hmac.compare_digest(password.encode(), token.encode())
+    def token_matches(username: str, password: str) -> bool:
+        return hmac.compare_digest(password.encode(), token.encode())
+
+    auth = token_matches if token else None
     ui = build_ui(client, default_model=default_model, default_profile=default_profile)
     return gr.mount_gradio_app(app, ui, path=path, auth=auth, css=CSS,
                                auth_message="The token from the service's --auth file.",
