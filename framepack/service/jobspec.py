@@ -75,6 +75,10 @@ def check_settings(raw: Any) -> dict:
             fields[key] = float(fields[key])
     if "keyframes" in fields:
         fields["keyframes"] = tuple(f"{t:g}=upload" for t in fields["keyframes"])
+    if "loras" in fields:  # [[name, scale], ...] or "NAME[:SCALE]" strings, as Pipeline.generate takes them
+        from framepack.pipeline.loras import normalize_loras
+
+        fields["loras"] = normalize_loras(fields["loras"])
     if "size" in fields:
         fields["size"] = parse_size(fields["size"])
     latents = Path("video.safetensors") if settings.get("latents_out") else None

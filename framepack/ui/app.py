@@ -9,7 +9,6 @@ Resume), Queue, Outputs, Presets."""
 from __future__ import annotations
 
 import functools
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -53,11 +52,9 @@ HELP = {
 
 def lora_names() -> list[str]:
     """LoRA files in the LoRA folder (FRAMEPACK_LORA_DIR, as `framepack loras` lists it)."""
-    try:
-        from framepack.models.lora import lora_dir  # the LoRA module's own rule when it is there
-        folder = Path(lora_dir())
-    except Exception:
-        folder = Path(os.environ.get("FRAMEPACK_LORA_DIR", Path.home() / ".local/share/framepack/loras"))
+    from framepack.models.lora_formats import lora_dir
+
+    folder = lora_dir()
     if not folder.is_dir():
         return []
     return sorted(p.name for p in folder.glob("*.safetensors"))
