@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,11 @@ import pytest
 from PIL import Image
 
 from framepack.models.tiny import make_tiny_model
+
+# pytest-xdist's workers ignore SIGINT, and an ignored signal stays ignored in
+# every child process: the CLI under test would then never see its Ctrl-C. The
+# default handler here lets children start with SIGINT's default disposition.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)

@@ -200,7 +200,7 @@ def check_inputs_unchanged(recorded: dict, current: dict) -> None:
     of the start image, end image and keyframes in the job record)."""
     before, now = recorded.get("inputs", {}), current.get("inputs", {})
     changed = []
-    for role in sorted(set(before) | set(now)):
+    for role in sorted((set(before) | set(now)) - {"loras"}):  # LoRAs: check_loras_unchanged, with their names
         old, new = before.get(role), now.get(role)
         olds = old if isinstance(old, list) else [old]
         news = new if isinstance(new, list) else [new]
