@@ -110,23 +110,9 @@ def build_transformer(device: torch.device, dtype: torch.dtype, config: dict = T
     float32 copy (52 GB) never exists: only the bf16 weights (26 GB) do."""
     from diffusers import HunyuanVideoFramepackTransformer3DModel
 
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # parameters are born in dtype: no .to() cast (diffusers warns about those)
-    try:
-        with torch.device("meta"):
-            model = HunyuanVideoFramepackTransformer3DModel(**config)
-    finally:
-        torch.set_default_dtype(previous)
-    model = model.to_empty(device=device)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim >= 2:
-                p.normal_(0.0, 0.02)  # linear/conv weights: small enough to stay finite through 60 blocks
-            elif name.endswith("bias"):
-                p.zero_()
-            else:
-                p.fill_(1.0)  # norm scales
-    return model.eval().requires_grad_(False)
+    from framepack.models.full import random_module
+
+    return random_module(HunyuanVideoFramepackTransformer3DModel, config, device, dtype)
 
 
 def transformer_inputs(device: torch.device, dtype: torch.dtype) -> dict:

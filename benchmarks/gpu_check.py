@@ -233,34 +233,12 @@ def _peak_vram_gb(device: torch.device) -> float | None:
 
 
 def build_transformer(config: dict, device: torch.device, dtype: torch.dtype, std: float = 0.02) -> torch.nn.Module:
-    """Random weights born on ``device`` in ``dtype`` (meta first: no float32 copy ever exists)."""
+    """Random weights born on ``device`` in ``dtype`` (framepack.models.full.random_module)."""
     from diffusers import HunyuanVideoFramepackTransformer3DModel
 
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device("meta"):
-            model = HunyuanVideoFramepackTransformer3DModel(**config)
-    finally:
-        torch.set_default_dtype(previous)
-    model = model.to_empty(device=device)
-    _randomise(model, std)
-    return model.eval().requires_grad_(False)
+    from framepack.models.full import random_module
 
-
-def _randomise(model: torch.nn.Module, std: float = 0.02) -> None:
-    """Biases 0, norm scales 1, other weights N(0, std): at full width 0.02 stays
-    finite through 60 blocks; the dry run's 32-wide layers need more for their
-    updates to survive bf16 rounding (else MagCache's residuals are all zero)."""
-    g = torch.Generator(next(model.parameters()).device).manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim >= 2:
-                p.normal_(0.0, std, generator=g)
-            elif name.endswith("bias"):
-                p.zero_()
-            else:
-                p.fill_(1.0)
+    return random_module(HunyuanVideoFramepackTransformer3DModel, config, device, dtype, std)
 
 
 def section_inputs(shapes: Shapes, config: dict, device: torch.device, dtype: torch.dtype) -> dict:
@@ -436,17 +414,10 @@ def measure_vae(check: Check, shapes: Shapes, device) -> None:
 
     from framepack.engine.vae_memory import VaeGeometry, decode_peak_bytes
 
+    from framepack.models.full import random_module
+
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device("meta"):
-            vae = AutoencoderKLHunyuanVideo(**shapes.vae)
-    finally:
-        torch.set_default_dtype(previous)
-    vae = vae.to_empty(device=device)
-    _randomise(vae)
-    vae.eval().requires_grad_(False)
+    vae = random_module(AutoencoderKLHunyuanVideo, shapes.vae, device, dtype)
     geometry = VaeGeometry.from_config(shapes.vae)
     latent_frames = shapes.vae_latent_frames
     latents = torch.randn((1, 16, latent_frames, shapes.height // 8, shapes.width // 8), device=device, dtype=dtype)

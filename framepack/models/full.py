@@ -257,3 +257,30 @@ def _random_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype, genera
     if len(shape) <= 1:
         return torch.ones(shape, dtype=dtype)
     return torch.empty(shape, dtype=dtype).normal_(0.0, 0.02, generator=generator)
+
+
+def random_module(cls, config: dict, device: torch.device | str, dtype: torch.dtype, std: float = 0.02):
+    """A model of ``cls(**config)`` with the same kind of random weights, built in
+    memory on ``device`` (the GPU check: nothing on disk). It is born on the meta
+    device in ``dtype``, so no float32 copy ever exists (52 GB for the 13B
+    transformer), then materialised and filled in place. ``std``: the weights'
+    spread; narrow test models need more than 0.02 for a block's update to
+    survive bf16 rounding."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # parameters born in dtype: no .to() cast (diffusers warns about those)
+    try:
+        with torch.device("meta"):
+            model = cls(**config)
+    finally:
+        torch.set_default_dtype(previous)
+    model = model.to_empty(device=device)
+    generator = torch.Generator(device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif p.ndim <= 1:
+                p.fill_(1.0)  # norm scales
+            else:
+                p.normal_(0.0, std, generator=generator)
+    return model.eval().requires_grad_(False)
