@@ -407,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"benchmark": "overhead", "device": device_info(), "versions": versions(),
               "settings": {"size": a.size, "seconds": a.seconds, "steps": a.steps, "cache": "none",
                            "threads": a.threads, "repeat": a.repeat, "kinds": kinds, "cold_cache": a.cold_cache,
-                           "original_cmd": a.original_cmd, "model": "tiny (framepack make-tiny-model)"
+                           "original_cmd": _portable(a.original_cmd), "model": "tiny (framepack make-tiny-model)"
                            if a.model is None else str(a.model)},
               "note": a.note, "loadavg_end": os.getloadavg(), "summary": summary, "runs": runs}
     a.json.parent.mkdir(parents=True, exist_ok=True)
@@ -417,6 +417,14 @@ def main(argv: list[str] | None = None) -> int:
     print_table(summary)
     print(f"wrote {a.json}")
     return 0
+
+
+def _portable(cmd: str | None) -> str | None:
+    """The command as recorded: this machine's interpreter and scratch paths
+    reduced to their names, so the results say what ran, not where."""
+    if not cmd:
+        return cmd
+    return " ".join(os.path.basename(w) if os.path.isabs(w) else w for w in cmd.split())
 
 
 if __name__ == "__main__":

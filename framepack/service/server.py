@@ -313,6 +313,8 @@ def serve(*, host: str, port: int, workers: int, db: str | None, storage_dir: Pa
     gpus = _gpu_count() if workers else 0
     supervisor = Supervisor(workers, ["--db", store.url, "--storage", str(storage.root), "--lease-s", str(lease_s),
                                       *worker_args], gpus=gpus)
+    # Not a bind address: where the in-process UI client reaches this server (the
+    # loopback when it listens on every interface, which only --host asks for).
     local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     ui_base_url = f"http://{'[' + local + ']' if ':' in local else local}:{port}" if ui else None
     # The UI's memory plan is the plan of the job that will run: the workers' model and profile.
