@@ -25,7 +25,7 @@ SETTINGS = {
     "latents_out": "latents_out", "model": "model", "prompt_cache": "prompt_cache", "prompt_blend": "prompt_blend",
     # creative controls (docs/controls.md)
     "end_image": "end_image", "end_strength": "end_strength", "image_embeds": "image_embeds",
-    "keyframes": "keyframes", "blank": "blank",
+    "keyframes": "keyframes", "blank": "blank", "extend": "extend",
     "loras": "loras", "lora_strict": "lora_strict",  # [(path, scale), ...] or "PATH[:SCALE]"; docs/lora.md
 }
 CONTROL_ONLY = ("prompts",)  # generate() settings that become others: prompts (a file or list) -> prompt
@@ -130,7 +130,8 @@ class Pipeline:
         controls of docs/controls.md: ``prompt_blend``, ``prompts`` (a TOML/JSON
         file or a list of {start, end?, prompt}), ``end_image``, ``end_strength``,
         ``image_embeds``, ``keyframes`` ("TIME=IMAGE" strings or (time, image)
-        pairs), ``blank`` (the start frame when ``image`` is None); ``from_`` starts
+        pairs), ``blank`` (the start frame when ``image`` is None), ``extend`` (a
+        video to continue by ``seconds``, instead of ``image``); ``from_`` starts
         from a recorded job (a framepack video, sidecar, png folder or latents
         file), its profile and overrides included, with what you give on top.
         ``cancel`` set stops the job at the next step boundary with
@@ -161,12 +162,14 @@ class Pipeline:
             given["loras"] = normalize_loras(given["loras"])
         if given.get("size") is not None:
             given["size"] = tuple(given["size"])
-        for key in ("image", "output", "latents_out", "end_image"):
+        for key in ("image", "output", "latents_out", "end_image", "extend"):
             if given.get(key) is not None:
                 given[key] = Path(given[key])
         if given.get("keyframes") is not None:
             given["keyframes"] = _keyframe_strings(given["keyframes"])
         values.update(given)
+        if given.get("blank") is not None and (values.get("image") is not None or values.get("extend") is not None):
+            raise UserError(blank_with_a_start(given["blank"]))
         if self.model is not None:
             values.setdefault("model", self.model)
         if values.get("prompt") is None:
@@ -331,6 +334,12 @@ def _prompt_of(prompt, prompts):
     if isinstance(prompts, (str, Path)):
         return load_prompts_file(prompts)
     return prompts_from_entries(list(prompts) if isinstance(prompts, tuple) else prompts)
+
+
+def blank_with_a_start(blank) -> str:
+    """The one line for --blank given where the start frame comes from an image or a video."""
+    return (f"--blank {blank}: the blank start frame is for text-to-video; with --image or --extend the start "
+            "frame is the image's or the video's: leave out --blank")
 
 
 def _keyframe_strings(keyframes) -> tuple[str, ...]:

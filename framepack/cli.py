@@ -37,6 +37,8 @@ def _add_control_args(g: argparse.ArgumentParser) -> None:
                    help="condition the section covering TIME seconds on IMG (original variant; repeatable)")
     g.add_argument("--blank", choices=("gray", "black", "white", "noise"), default=None,
                    help="start frame without --image (default gray; noise is drawn from --seed)")
+    g.add_argument("--extend", type=Path, metavar="VIDEO",
+                   help="continue this video by --seconds more (instead of --image); the output holds both")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,7 +165,7 @@ GENERATE_FLAGS = {  # argparse dest -> Pipeline.generate setting (the same names
     "rs": "rs", "window": "window", "resolution": "resolution", "size": "size", "latents_out": "latents_out",
     "model": "model", "prompt_blend": "prompt_blend",
     "prompts": "prompts", "end_image": "end_image", "end_strength": "end_strength", "image_embeds": "image_embeds",
-    "keyframes": "keyframes", "blank": "blank",
+    "keyframes": "keyframes", "blank": "blank", "extend": "extend",
 }
 
 

@@ -83,7 +83,11 @@ def test_the_cli_refuses_before_loading_anything(monkeypatch, capsys, test_image
         {"device": "cuda", "gpu_name": "RTX 3060 Laptop", "compute_capability": "8.6", "vram_total_gb": 5.8,
          "ram_total_gb": 64}))
     loads = []
-    monkeypatch.setattr("framepack.pipeline.transformer.load_transformer", lambda *a, **k: loads.append(1))
+    # Where generate looks it up: patching framepack.pipeline.transformer before generate is
+    # imported would leave the stand-in bound in generate for every later test in the process.
+    import framepack.pipeline.generate as generate
+
+    monkeypatch.setattr(generate, "load_transformer", lambda *a, **k: loads.append(1))
     rc = main(["generate", "--image", str(test_image), "--prompt", "x", "--model", str(tiny_model),
                "--profile", "cuda-80gb", "--output", str(tmp_path / "o.mp4"), "--quiet"])
     err = capsys.readouterr().err

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from framepack.output.metadata import read_metadata
-from tests.jobs import cli, frames_of
+from tests.jobs import cli, frames_of, write_plain_video
 from tests.service_helpers import TOKEN, Server, submit, tiny_settings, wait_status
 
 pytestmark = pytest.mark.slow
@@ -222,3 +222,30 @@ def test_text_to_video_with_an_end_frame_and_a_keyframe_over_http(client, tiny_m
     hashes = json.dumps(record)
     assert job["inputs"]["end_image"]["sha256"] in hashes and job["inputs"]["keyframe_0"]["sha256"] in hashes
     assert job["progress"]["computed"] >= 1 and job["progress"].get("partial") == "video.partial.mp4"
+
+
+def test_extending_an_uploaded_video_over_http(client, tiny_model, test_image, tmp_path):
+    """The video to continue is an upload ('extend'), checked as the CLI checks it."""
+    source = write_plain_video(tmp_path / "in.mp4", 40)
+    settings = tiny_settings(tiny_model)  # window 3: three sections of 12 frames
+    with open(source, "rb") as f:
+        response = client.post("/api/jobs", data={"settings": json.dumps(settings)},
+                               files={"extend": ("in.mp4", f, "video/mp4")})
+    assert response.status_code == 201, response.text
+    job = wait_status(client, response.json()["id"])
+    assert job["status"] == "done", job["error"]
+    assert set(job["inputs"]) == {"extend"} and job["stats"]["frames"] == 40 + 36
+    video = tmp_path / "out.mp4"
+    video.write_bytes(client.get(f"/api/jobs/{job['id']}/files/video.mp4").content)
+    assert len(frames_of(video)) == 40 + 36
+    assert read_metadata(video)["inputs"]["extend"]["sha256"] == job["inputs"]["extend"]["sha256"]
+
+    before = job_count(client)
+    response = client.post("/api/jobs", data={"settings": json.dumps(settings)},
+                           files={"extend": ("x.mp4", b"not a video", "video/mp4")})
+    assert response.status_code == 400 and response.json()["detail"].startswith("upload 'extend': not a video PyAV can read")
+    with open(source, "rb") as f, open(test_image, "rb") as i:
+        response = client.post("/api/jobs", data={"settings": json.dumps(settings)},
+                               files=[("extend", ("in.mp4", f, "video/mp4")), ("image", ("i.png", i, "image/png"))])
+    assert response.status_code == 422 and "leave out image" in response.json()["detail"]
+    assert job_count(client) == before

@@ -70,3 +70,11 @@ def test_bad_blank_is_one_line(tiny_model, tmp_path, capsys):
     with Pipeline(model=tiny_model, profile="cpu") as pipe, pytest.raises(UserError, match="--blank 'pink'"):
         pipe.generate(None, "a fox", output=tmp_path / "t.mp4", blank="pink", **FAST)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_blank_with_a_start_image_is_refused(tiny_model, test_image, tmp_path, capsys):
+    code = main(["generate", "--image", str(test_image), "--prompt", "a fox", "--model", str(tiny_model),
+                 "--profile", "cpu", "--size", "64x64", "--blank", "noise", "--output", str(tmp_path / "t.mp4")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "--blank noise: the blank start frame is for text-to-video" in lines[0]
+    assert list(tmp_path.iterdir()) == []

@@ -199,10 +199,12 @@ def _weight_bytes(params: int, dtype: str, fmt: str = "none", quantized: int | N
 
 def estimate(profile: Profile, offload: str, params: dict[str, int], height: int, width: int,
              frames: int, latent_window_size: int = 9, inverted: bool = True, device: str = "cuda",
-             vae: VaeGeometry | None = None, vae_tiling: bool | None = None) -> Plan:
+             vae: VaeGeometry | None = None, vae_tiling: bool | None = None, head: int = 1) -> Plan:
     """The plan for one job. ``vae`` defaults to the original VAE's shape;
     ``vae_tiling`` None tiles the decode when the profile asks for it or where that
-    lowers the peak, True or False forces it."""
+    lowers the peak, True or False forces it. ``head``: latent frames the inverted
+    model's last section decodes in front of its own (1, the start latent; a
+    window's worth when it extends a video, framepack.pipeline.extend)."""
     q, dt = profile.quantize, profile.dtype
     tq, lq = q["transformer"], q["text_encoder"]
     weights = {
@@ -254,9 +256,11 @@ def estimate(profile: Profile, offload: str, params: dict[str, int], height: int
         ram = on_cpu + video + 2.5 * GIB  # python, torch, libraries
         return (vram if device != "cpu" else 0.0), ram
 
-    # The largest decode is a later section's 2*lws+1 latent frames (framepack.pipeline.loop).
+    # The largest decode is a later section's 2*lws+1 latent frames (framepack.pipeline.loop),
+    # 2*lws+head for the inverted model's last one. An extension's VAE encode of up to 73 input
+    # frames (19 latents) is about the size of that decode and is not counted apart.
     vae = vae or VaeGeometry()
-    decoded = 2 * latent_window_size + 1
+    decoded = 2 * latent_window_size + (head if inverted else 1)
 
     def decode(tiled: bool) -> float:
         return decode_peak_bytes(vae, decoded, height, width, DTYPE_BYTES[dt["vae"]], tiled, device)
@@ -281,16 +285,16 @@ def estimate(profile: Profile, offload: str, params: dict[str, int], height: int
     return Plan(offload, vram / GIB, ram / GIB, tuple(notes), tiling, vae_decode / GIB)
 
 
-def plan_job(engine, source, height: int, width: int, frames: int, lws: int, inverted: bool) -> Plan:
+def plan_job(engine, source, height: int, width: int, frames: int, lws: int, inverted: bool, head: int = 1) -> Plan:
     """The plan for the engine's profile, checked against the hardware; the
     shipped and user profiles for the same device are the alternatives."""
-    plan, alternatives = plan_with_alternatives(engine, source, height, width, frames, lws, inverted)
+    plan, alternatives = plan_with_alternatives(engine, source, height, width, frames, lws, inverted, head)
     check_fits(plan, engine.hardware, alternatives)
     return plan
 
 
 def plan_with_alternatives(engine, source, height: int, width: int, frames: int, lws: int,
-                           inverted: bool) -> tuple[Plan, list[tuple[str, Plan]]]:
+                           inverted: bool, head: int = 1) -> tuple[Plan, list[tuple[str, Plan]]]:
     """The engine's profile's plan, and each other profile's for the same device
     (what ``check_fits`` names when the first does not fit)."""
     hw = engine.hardware
@@ -301,11 +305,11 @@ def plan_with_alternatives(engine, source, height: int, width: int, frames: int,
         for name in profile.offload:
             entry = engine.registry.get("offload", name)
             if entry is not None and entry.backend.unavailable_reason(hw) is None:
-                return estimate(profile, name, params, height, width, frames, lws, inverted, hw.device, vae)
+                return estimate(profile, name, params, height, width, frames, lws, inverted, hw.device, vae, head=head)
         return None
 
     plan = estimate(engine.profile, engine.choices["offload"].name, params, height, width, frames, lws, inverted,
-                    hw.device, vae)
+                    hw.device, vae, head=head)
     alternatives = []
     for name, profile in sorted(engine.profiles.profiles.items()):
         devices = profile.match.get("device", [])

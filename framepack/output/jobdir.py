@@ -8,7 +8,8 @@ Layout (``OUTPUT.job/`` by default):
     job.json                   settings, profile, backends, model fingerprint
     checkpoint.safetensors     state after the last finished section (atomic, with its own digest)
     latents/0003.safetensors   each section's new latents, written once
-    segments/<writer>/...      each section's finished frames, per writer
+    segments/<writer>/...      each section's finished frames, per writer (lead-0, lead-1: the
+                               input's frames of an extended video, before the generated ones)
 
 Only the history window the next sections read is checkpointed; everything
 else is written once, so checkpoint I/O stays linear in the video's length.
@@ -48,7 +49,7 @@ LOCK = "lock"
 _OWNED_TOP = ("job.json", "checkpoint.safetensors", MARKER, LOCK)
 _PARTIAL = r"\..+\.partial-\d+"  # framepack.output.writing.partial_path
 _SECTION_FILE = re.compile(r"\d{4}\.safetensors")
-_SEGMENT = re.compile(r"\d{4}(\.[a-z0-9]+)?")
+_SEGMENT = re.compile(r"(\d{4}|lead-\d)(\.[a-z0-9]+)?")  # lead-N: an extended video's input part
 _PNG_FRAME = re.compile(r"\d{6}\.png")
 
 

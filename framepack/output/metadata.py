@@ -24,7 +24,7 @@ FORMAT_VERSION = 1
 FORMAT = f"{FORMAT_NAME}/{FORMAT_VERSION}"
 JSON_TAG = "comment"  # the tag that carries the whole record
 SIDECAR_SUFFIX = ".json"
-PATH_FIELDS = ("image", "output", "latents_out", "end_image")
+PATH_FIELDS = ("image", "output", "latents_out", "end_image", "extend")
 TABLES = ("engine", "settings", "inputs", "backends", "model", "extra")
 
 
@@ -57,6 +57,8 @@ def build_metadata(settings, profile: str, backends: dict[str, str], model: dict
         inputs["image"] = _file_identity(Path(values["image"]))
     if values.get("end_image") is not None:
         inputs["end_image"] = _file_identity(Path(values["end_image"]))
+    if values.get("extend") is not None:  # the video an extension continues
+        inputs["extend"] = _file_identity(Path(values["extend"]))
     if values.get("keyframes"):  # "TIME=PATH": the path stored absolute, as the other paths
         values["keyframes"] = [f"{t}={Path(k).expanduser().absolute()}"
                                for t, _, k in (str(kf).partition("=") for kf in values["keyframes"])]

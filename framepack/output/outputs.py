@@ -79,6 +79,14 @@ class SegmentOutputs:
     def segment_path(self, choice, seg_id: int) -> Path:
         return self.jobdir.segment_dir(choice.name) / f"{seg_id:04d}{choice.backend.suffix}"
 
+    def lead_path(self, choice, part: int) -> Path:
+        """An extended video's leading segments (framepack.pipeline.extend): part 0
+        and 1 come before every generated segment."""
+        return self.jobdir.segment_dir(choice.name) / f"lead-{part}{choice.backend.suffix}"
+
+    def lead_files(self, choice) -> list[Path]:
+        return [p for p in (self.lead_path(choice, 0), self.lead_path(choice, 1)) if p.exists()]
+
     def add(self, frames: np.ndarray, seg_id: int) -> dict[str, str]:
         """Write one chunk of final frames (T, H, W, 3) uint8 as a segment of every
         frame writer; returns {path in the job folder: sha256} of what was
@@ -115,7 +123,7 @@ class SegmentOutputs:
         paths = []
         for choice in self.frame_writers:
             out = self.names.path(choice, partial)
-            segments = [self.segment_path(choice, i) for i in ordered]
+            segments = self.lead_files(choice) + [self.segment_path(choice, i) for i in ordered]
             if out.is_dir():  # a frame folder: joins do not replace a full one in place
                 _replace_folder(out, lambda: choice.backend.join(segments, out, choice.options, metadata))
             else:

@@ -62,11 +62,20 @@ class PixelTimeline:
         blended = w * pixels[:, :, -ov:] + (1 - w) * self.edge
         return torch.cat([pixels[:, :, :-ov], blended], dim=2)
 
-    def finish(self) -> np.ndarray:
-        """The edge frames, now final."""
+    def finish(self, before: torch.Tensor | None = None) -> np.ndarray:
+        """The edge frames, now final. ``before``: frames (1, 3, overlap, H, W)
+        that come before a front-grown timeline (an extended video's input): the
+        edge fades in from them with the same cross-fade."""
         if self.edge is None:
             return np.zeros((0, 0, 0, 3), dtype=np.uint8)
-        frames = to_uint8_frames(self.edge)
+        edge = self.edge
+        if before is not None:
+            if self.grows_at != "front" or before.shape[2] != self.overlap or edge.shape[2] != self.overlap:
+                raise ValueError(f"a fade-in needs {self.overlap} frames before a front-grown timeline, "
+                                 f"got {before.shape[2]} before and {edge.shape[2]} at the edge")
+            w = crossfade_weights(self.overlap).view(1, 1, -1, 1, 1)
+            edge = w * before.float() + (1 - w) * edge
+        frames = to_uint8_frames(edge)
         self.final_frames += self.edge.shape[2]
         self.edge = None
         return frames

@@ -38,6 +38,7 @@ from framepack.engine.planning import plan_job
 from framepack.models.prompt_cache import PromptCache, encoder_fingerprint
 from framepack.pipeline.prompts import parse_timed_prompt, schedule
 from framepack.pipeline.blank import blank_image
+from framepack.pipeline.extend import check_extension, frames_at_30, read_extension
 from framepack.pipeline.controls import (build_image_conditioning, check_controls, check_inputs_unchanged,
                                          embed_rule, keyframe_sections)
 from framepack.pipeline.loop import CancelRequested, LoopInputs, LoopShape, LoopState, replay, run_sections
@@ -85,9 +86,11 @@ def image_to_pixels(image: np.ndarray) -> torch.Tensor:
     return (torch.from_numpy(image).float() / 127.5 - 1).permute(2, 0, 1)[None, :, None]
 
 
-def target_size(settings: JobSettings, image: np.ndarray | None) -> tuple[int, int]:
+def target_size(settings: JobSettings, image: np.ndarray | None, video=None) -> tuple[int, int]:
     if settings.size is not None:
         return settings.size
+    if video is not None:  # an extension: the video's bucket (its own size for a framepack video)
+        return nearest_bucket(video.height, video.width, settings.resolution)
     if image is None:  # text-to-video: the square bucket
         return nearest_bucket(settings.resolution, settings.resolution, settings.resolution)
     return nearest_bucket(image.shape[0], image.shape[1], settings.resolution)
@@ -110,6 +113,7 @@ def preflight(settings: JobSettings) -> np.ndarray | None:
     sections = section_count(settings.seconds, settings.latent_window_size)
     prompt_weights(settings, sections)  # bad brackets: one line
     image = None if settings.image is None else load_image(settings.image)
+    check_extension(settings)  # --extend: a readable video, long enough, no --image
     check_controls(settings, sections)  # end image and keyframes: readable, and where they land
     check_output_path(settings.output, folder_ok=True)
     if settings.latents_out is not None:
@@ -123,6 +127,8 @@ def control_images(settings: JobSettings, sections: int) -> dict[str, Path]:
     images = {f"--keyframe {kf.given}": kf.path for kf in keyframe_sections(settings, sections).values()}
     if settings.end_image is not None:
         images["--end-image"] = settings.end_image
+    if settings.extend is not None:
+        images["--extend"] = settings.extend
     return images
 
 
@@ -142,15 +148,24 @@ class Interrupted(Cancelled):
     """Ctrl-C or SIGTERM during a job: the checkpoint and a partial video are on disk."""
 
 
+def output_frames(settings: JobSettings, sections: int, video=None) -> int:
+    """Frames of the finished video: an extension's input (at 30 fps) comes first, the
+    cross-fade shares its last frames, and each section adds 4 * window."""
+    if video is None:
+        return total_pixel_frames(sections, settings.latent_window_size)
+    return frames_at_30(video) + 4 * settings.latent_window_size * sections
+
+
 def _job_record(settings, engine, source, parts, sections, height, width, overrides, config_files,
-                writers) -> dict:
+                writers, video=None) -> dict:
     """Everything needed to re-run or continue the job (framepack.output.metadata)."""
-    record = build_metadata(
-        settings, engine.profile.name, engine_backends(engine, writers), model_info(source, parts),
-        extra={"fps": FPS, "width": width, "height": height, "sections": sections,
-               "frames": total_pixel_frames(sections, settings.latent_window_size),
-               "overrides": list(overrides), "config_files": [str(Path(p).absolute()) for p in config_files]},
-    )
+    extra = {"fps": FPS, "width": width, "height": height, "sections": sections,
+             "frames": output_frames(settings, sections, video),
+             "overrides": list(overrides), "config_files": [str(Path(p).absolute()) for p in config_files]}
+    if video is not None:
+        extra["extend_frames"] = frames_at_30(video)  # the input's part of the output, at 30 fps
+    record = build_metadata(settings, engine.profile.name, engine_backends(engine, writers),
+                            model_info(source, parts), extra=extra)
     if settings.loras:
         record["inputs"]["loras"] = lora_records(settings)  # file name, sha256, scale (resume checks them)
     return record
@@ -179,13 +194,14 @@ def check_resumable(recorded: dict, current: dict) -> None:
                         + "); run it where it started, or start over")
 
 
-def disk_estimate(settings: JobSettings, names: OutputNames, sections: int, height: int, width: int) -> int:
+def disk_estimate(settings: JobSettings, names: OutputNames, sections: int, height: int, width: int,
+                  lead_frames: int = 0) -> int:
     """Bytes a job writes at its peak: section latents and the checkpoint, each
     writer's segments, and the joined outputs beside them (video joins copy;
     png joins hard-link). Typical sizes, not bounds: the ENOSPC handler stays."""
     lws = settings.latent_window_size
     h, w = height // 8, width // 8
-    frames = total_pixel_frames(sections, lws)
+    frames = total_pixel_frames(sections, lws) + lead_frames
     latents = (sections * lws + 1) * 16 * h * w * 4
     checkpoint = (2 * lws + 1 + 19) * 16 * h * w * 4 + 33 * 3 * height * width * 4
     per_frame = {"png": 1.5 * height * width * 3, "webm": 0.05 * height * width, "mp4": 0.1 * height * width}
@@ -199,8 +215,8 @@ def disk_estimate(settings: JobSettings, names: OutputNames, sections: int, heig
     return int(total)
 
 
-def _check_disk(settings, names, sections, height, width, folders) -> int:
-    needed = disk_estimate(settings, names, sections, height, width)
+def _check_disk(settings, names, sections, height, width, folders, lead_frames=0) -> int:
+    needed = disk_estimate(settings, names, sections, height, width, lead_frames)
     for folder in folders:
         free = free_bytes(folder)
         if free < needed:
@@ -316,7 +332,8 @@ def generate(settings: JobSettings, engine: Engine, image: np.ndarray | None = N
     started = time.perf_counter()
     if image is None:
         image = preflight(settings)
-    height, width = target_size(settings, image)
+    video = check_extension(settings)
+    height, width = target_size(settings, image, video)
     source = ModelSource.from_arg(settings.model, settings.variant)
     ch = engine.choices
     parts = ("transformer",) + ch["text_encoder"].backend.parts + ch["image_encoder"].backend.parts + ch["vae"].backend.parts
@@ -339,13 +356,14 @@ def generate(settings: JobSettings, engine: Engine, image: np.ndarray | None = N
                    {"the model folder": source.root})
     if settings.latents_out is not None and Path(settings.latents_out).exists() and not overwrite:
         raise UserError(f"--latents-out {settings.latents_out} exists; pass --overwrite to replace it")
-    plan = plan_job(engine, source, height, width, total_pixel_frames(sections, lws), lws, settings.variant == "original")
+    plan = plan_job(engine, source, height, width, output_frames(settings, sections, video), lws,
+                    settings.variant == "original", head=lws if video is not None else 1)
     device = execution_device(engine)
     dtype = {part: torch_dtype(name) for part, name in engine.profile.dtype.items()}
     settings = resolve_job_loras(dataclasses.replace(settings, output=names.main), engine.profile)
     loras = prepare_job_loras(settings, source)  # a bad LoRA stops here, before the job folder exists
     record = _job_record(settings, engine, source, parts, sections, height, width, overrides, config_files,
-                         names.writers)
+                         names.writers, video)
     outputs = SegmentOutputs(names, jobdir, width, height, settings.variant == "original", FPS)
 
     if resume:
@@ -363,13 +381,14 @@ def generate(settings: JobSettings, engine: Engine, image: np.ndarray | None = N
             record = recorded  # the outputs describe the job as it started
         else:
             jobdir.write_job(record)
-        _check_disk(settings, names, sections, height, width, [jobdir.path, names.main.parent])
+        _check_disk(settings, names, sections, height, width, [jobdir.path, names.main.parent],
+                    frames_at_30(video) if video is not None else 0)
         if names.renamed_from is not None:
             note(f"{names.renamed_from} exists; writing {names.main} instead (--overwrite replaces it)")
         with PeakMemory() as peak:
             result = _run(settings, engine, image, source, plan, device, dtype, height, width, sections, outputs,
                           jobdir, record, resuming if resume else None, store or ModelStore(), cancel, started,
-                          loras, partial_video)
+                          loras, partial_video, video)
         result.peak_ram_gb, result.peak_vram_gb = peak.peak_ram_gb, peak.peak_vram_gb
         written = result.outputs
         status = "done"
@@ -397,7 +416,7 @@ def generate(settings: JobSettings, engine: Engine, image: np.ndarray | None = N
 
 def _run(settings, engine, image, source, plan, device, dtype, height, width, sections, outputs, jobdir, record,
          resuming: ResumePlan | None, store: ModelStore, cancel, started: float, loras,
-         partial_video: bool = False) -> GenerationResult:
+         partial_video: bool = False, video=None) -> GenerationResult:
     ch, lws = engine.choices, settings.latent_window_size
     times = StageTimes()
     store.take_loaded()
@@ -407,7 +426,7 @@ def _run(settings, engine, image, source, plan, device, dtype, height, width, se
             profile=engine.profile.name,
             backends=engine_backends(engine, outputs.names.writers),
             sections=sections,
-            frames=total_pixel_frames(sections, lws),
+            frames=output_frames(settings, sections, video),
             width=width,
             height=height,
             plan=plan.summary(),
@@ -466,7 +485,13 @@ def _run(settings, engine, image, source, plan, device, dtype, height, width, se
                         lambda: ch["vae"].backend.load(source, ch["vae"].options, dtype["vae"], "none"),
                         lambda obj: obj.modules)
     vae.set_tiling(plan.vae_tiling)  # the plan tiles where an untiled decode would not fit or would set the peak
-    if image is None:
+    extension = None
+    if video is not None:  # the input's frames: the leading segment (unless intact), its tail and context
+        with times.measure("write"):
+            intact = resuming is not None and _lead_intact(outputs, resuming)
+            extension = read_extension(settings, video, height, width, None if intact else outputs)
+        cropped = extension.last if settings.variant == "original" else extension.first
+    elif image is None:
         note(f"no --image: text-to-video from a {settings.blank} start frame")
         cropped = blank_image(settings.blank, height, width, settings.seed)
     else:
@@ -474,6 +499,12 @@ def _run(settings, engine, image, source, plan, device, dtype, height, width, se
     with times.measure("encode"):
         branches, start_latent, section_branches = _condition(settings, embeddings, vision, vae, policy, cropped,
                                                               dtype["transformer"], timed)
+        context_latents = None
+        if extension is not None:
+            with policy.stage("vae"):
+                context_latents = vae.encode(extension.context_pixels()).cpu()
+            if settings.variant == "original":  # the inverted model reads them all before each section
+                start_latent, context_latents = context_latents, None
         controls = _image_controls(settings, sections, branches, vision, vae, policy, height, width,
                                    dtype["transformer"])
     del vision
@@ -483,18 +514,22 @@ def _run(settings, engine, image, source, plan, device, dtype, height, width, se
         raise UserError("the start image encodes differently than when this job started "
                         "(another image, VAE or machine); its checkpoint cannot continue")
 
-    shape = LoopShape(sections, lws, height // 8, width // 8, settings.variant == "original", settings.seed)
+    shape = LoopShape(sections, lws, height // 8, width // 8, settings.variant == "original", settings.seed,
+                      extends=extension is not None)
     inputs = LoopInputs(settings, engine, shape, branches, start_latent, vae, None, policy, None, outputs, jobdir,
                         dtype["transformer"], cancel=cancel, times=times, section_branches=section_branches,
                         section_prompts=timed, end_latent=controls.end_latent, section_pre=controls.section_pre,
-                        section_images=controls.section_images)
+                        section_images=controls.section_images, context_latents=context_latents,
+                        tail=None if extension is None else extension.tail_pixels(lws))
     if resuming is None:
-        state = LoopState(shape, start_latent, controls.end_latent)
+        state = LoopState(shape, start_latent, controls.end_latent, inputs.context_latents, inputs.tail)
     elif resuming.replays:  # rebuild what was damaged, from the section latents, before sampling
         with times.measure("decode"):
             state = replay(inputs, resuming.start, set(resuming.rewrite))
     else:
         state = LoopState.from_checkpoint(shape, checkpoint)
+    if extension is not None:  # the leading segment, as written now or verified intact
+        state.files.update(lead_digests(outputs))
 
     with times.measure("load"):
         attention = ch["attention"]
@@ -535,11 +570,25 @@ def _run(settings, engine, image, source, plan, device, dtype, height, width, se
         jobdir.remove()
     store.done_with("vae", "transformer")
     return GenerationResult(
-        latents=loop.latents, frames=loop.frames, height=height, width=width, sections=sections, outputs=written,
+        latents=loop.latents, frames=loop.frames + (extension.lead_frames if extension is not None else 0), height=height, width=width, sections=sections, outputs=written,
         computed_steps=loop.computed_steps, skipped_steps=loop.skipped_steps,
         elapsed_s=time.perf_counter() - started, stage_s={k: round(v, 4) for k, v in times.seconds.items()},
         loaded=store.take_loaded(), job_dir=jobdir.path, settings=settings,
     )
+
+
+def lead_digests(outputs: SegmentOutputs) -> dict[str, str]:
+    return {outputs.jobdir.relative(p): file_digest(p) for c in outputs.frame_writers for p in outputs.lead_files(c)}
+
+
+def _lead_intact(outputs: SegmentOutputs, resuming: ResumePlan) -> bool:
+    """resume: an extension's leading segments are on disk as the checkpoint lists them
+    (anything else is written again from the input video, which is cheap next to sampling)."""
+    ck = resuming.checkpoint
+    if ck is None:
+        return False
+    listed = {rel for rel in ck.files if Path(rel).name.startswith("lead-")}
+    return bool(listed) and lead_digests(outputs) == {rel: ck.files[rel] for rel in listed}
 
 
 def _image_controls(settings, sections, branches, vision, vae, policy, height, width, tdtype):

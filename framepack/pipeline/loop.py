@@ -60,6 +60,8 @@ class LoopShape:
     w: int
     inverted: bool
     seed: int
+    extends: bool = False  # continues a video (framepack.pipeline.extend): its frames come first
+
 
     @property
     def noise_shape(self) -> tuple[int, ...]:
@@ -74,9 +76,12 @@ class LoopState:
     files written so far: everything a section changes. One place updates it
     (``advance``), for the loop and for ``replay`` alike."""
 
-    def __init__(self, shape: LoopShape, start_latent: torch.Tensor, end_latent: torch.Tensor | None = None) -> None:
+    def __init__(self, shape: LoopShape, start_latent: torch.Tensor, end_latent: torch.Tensor | None = None,
+                 context: torch.Tensor | None = None, tail: torch.Tensor | None = None) -> None:
         self.shape = shape
-        self.keep = window_size(shape.lws)
+        self.head = start_latent.shape[2]  # frames the inverted model's last section carries in front
+        # The inverted model's last section decodes 2 * lws + head latents (head > 1 when extending).
+        self.keep = max(window_size(shape.lws), 2 * shape.lws + self.head)
         zeros = torch.zeros((1, LATENT_CHANNELS, CONTEXT, shape.h, shape.w), dtype=torch.float32)
         self.history = zeros if shape.inverted else torch.cat([zeros, start_latent], dim=2)
         if end_latent is not None and shape.inverted:  # the end frame: the first section's clean_latents_post
@@ -87,6 +92,10 @@ class LoopState:
         self.files: dict[str, str] = {}
         self.generator = torch.Generator("cpu").manual_seed(shape.seed)
         self.timeline = PixelTimeline(pixel_frames_per_section(shape.lws), "front" if shape.inverted else "back")
+        if context is not None and not shape.inverted:  # F1 extending a video: its latents are the history
+            self.history = torch.cat([zeros, context], dim=2)
+            self.generated = context.shape[2]
+            self.timeline.edge = tail  # the first section's decode fades in from the input's real pixels
 
     @classmethod
     def from_checkpoint(cls, shape: LoopShape, ck: Checkpoint) -> "LoopState":
@@ -111,7 +120,7 @@ class LoopState:
         """(index layout, clean 1x latents, 2x, 4x) for the next section (SPEC.md section 3)."""
         lws = self.shape.lws
         if self.shape.inverted:
-            layout = inverted_layout(padding, lws)
+            layout = inverted_layout(padding, lws, pre=start_latent.shape[2])
             post, clean_2x, clean_4x = self.history[:, :, :CONTEXT].split(HISTORY_SPLIT, dim=2)
             return layout, torch.cat([start_latent, post], dim=2), clean_2x, clean_4x
         layout = f1_layout(lws)
@@ -126,11 +135,12 @@ class LoopState:
         if self.shape.inverted:
             self.history = torch.cat([latents, self.history], dim=2)[:, :, : self.keep]
             real = self.history[:, :, : self.generated]
-            decode = real if index == 0 else real[:, :, : 2 * lws + (1 if last else 0)]
+            decode = real if index == 0 else real[:, :, : 2 * lws + (self.head if last else 0)]
         else:
             self.history = torch.cat([self.history, latents], dim=2)[:, :, -self.keep :]
             real = self.history[:, :, -self.generated :]
-            decode = real if index == 0 else real[:, :, -2 * lws :]
+            # An extension's first section decodes like a later one: over the input's last latents.
+            decode = real if index == 0 and not self.shape.extends else real[:, :, -2 * lws :]
         self.next_section += 1
         return decode
 
@@ -163,6 +173,10 @@ class LoopInputs:
     # Set (the container tags): after every finished section the segments so far
     # are joined into the playable partial video, as the original's demo shows it.
     partial_metadata: dict | None = None
+    # Extending a video (framepack.pipeline.extend): F1's history from the input's last latents,
+    # and the input's last pixel frames, which the new clip's first frames fade in from.
+    context_latents: torch.Tensor | None = None
+    tail: torch.Tensor | None = None
 
 
 class CancelRequested(KeyboardInterrupt):
@@ -225,9 +239,10 @@ def run_sections(inp: LoopInputs, state: LoopState) -> LoopResult:
         )
 
     with _timed(inp, "write"):
-        if inp.outputs.add(state.timeline.finish(), shape.sections):
+        fade_in = inp.tail if shape.extends and shape.inverted else None
+        if inp.outputs.add(state.timeline.finish(fade_in), shape.sections):
             state.segments.append(shape.sections)
-    result.latents = _final_latents(inp.jobdir, shape.sections, shape.lws, inp.start_latent, shape.inverted)
+    result.latents = _final_latents(inp.jobdir, shape.sections, shape.lws, _head_latents(inp), shape.inverted)
     result.frames = state.timeline.final_frames
     return result
 
@@ -260,7 +275,7 @@ def replay(inp: LoopInputs, upto: int, rewrite: set[int]) -> LoopState:
     written again from the decoded frames; the others are kept as they are.
     A checkpoint for the rebuilt state is written at the end."""
     shape, jobdir = inp.shape, inp.jobdir
-    state = LoopState(shape, inp.start_latent, inp.end_latent)
+    state = LoopState(shape, inp.start_latent, inp.end_latent, inp.context_latents, inp.tail)
     paddings = shape.paddings()
     for index in range(upto):
         state.draw_noise()  # keeps the generator where the loop had it
@@ -282,16 +297,26 @@ def replay(inp: LoopInputs, upto: int, rewrite: set[int]) -> LoopState:
     return state
 
 
-def _final_latents(jobdir, sections, lws, start_latent, inverted) -> torch.Tensor:
+def _head_latents(inp: LoopInputs) -> torch.Tensor:
+    """What comes before the sections' latents: the start latent, or for an
+    extension the latents of the input's cross-faded frames (the new clip's
+    latents start where its frames do)."""
+    if inp.shape.extends and not inp.shape.inverted:
+        return inp.context_latents[:, :, -inp.shape.lws :]
+    return inp.start_latent
+
+
+def _final_latents(jobdir, sections, lws, head, inverted) -> torch.Tensor:
     """The video's latents (1, 16, T, h, w) in playback order, filled in from the
     job folder one section at a time: a torch.cat of all sections would hold
-    them twice, a term that grows with the length (185 MB for 60 s at 640x640)."""
-    _, channels, _, h, w = start_latent.shape
-    out = torch.empty((1, channels, total_latent_frames(sections, lws), h, w), dtype=torch.float32)
+    them twice, a term that grows with the length (185 MB for 60 s at 640x640).
+    ``head`` comes first: F1 writes it; the inverted model's last section carries it."""
+    _, channels, n_head, h, w = head.shape
+    out = torch.empty((1, channels, total_latent_frames(sections, lws) - 1 + n_head, h, w), dtype=torch.float32)
     filled = 0
     if not inverted:
-        out[:, :, :1] = start_latent
-        filled = 1
+        out[:, :, :n_head] = head
+        filled = n_head
     # The inverted model generates the end first; its last section carries the start latent.
     for index in reversed(range(sections)) if inverted else range(sections):
         part = jobdir.load_section_latents(index)  # (1, 16, lws or lws + 1, h, w)

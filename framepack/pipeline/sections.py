@@ -49,18 +49,20 @@ class IndexLayout:
     """1-D frame indices of each part of the packed context of one section."""
 
     latent: torch.Tensor  # the lws frames being generated
-    clean: torch.Tensor  # 1x clean context (two frames)
+    clean: torch.Tensor  # 1x clean context (two frames; more when an inverted job extends a video)
     clean_2x: torch.Tensor  # 2 frames
     clean_4x: torch.Tensor  # 16 frames
 
 
-def inverted_layout(padding: int, latent_window_size: int = 9) -> IndexLayout:
+def inverted_layout(padding: int, latent_window_size: int = 9, pre: int = 1) -> IndexLayout:
     """Indices for the inverted anti-drifting model:
-    arange(1 + lws*p + lws + 1 + 2 + 16) split into
-    pre [1], blank [lws*p], latent [lws], post [1], 2x [2], 4x [16]."""
-    sizes = [1, latent_window_size * padding, latent_window_size, 1, 2, 16]
-    pre, _blank, latent, post, clean_2x, clean_4x = torch.arange(sum(sizes)).split(sizes)
-    return IndexLayout(latent=latent, clean=torch.cat([pre, post]), clean_2x=clean_2x, clean_4x=clean_4x)
+    arange(pre + lws*p + lws + 1 + 2 + 16) split into
+    pre [pre], blank [lws*p], latent [lws], post [1], 2x [2], 4x [16].
+    ``pre`` is 1 (the start latent) except when extending a video, whose
+    last frames' latents all go before the section (framepack.pipeline.extend)."""
+    sizes = [pre, latent_window_size * padding, latent_window_size, 1, 2, 16]
+    pre_idx, _blank, latent, post, clean_2x, clean_4x = torch.arange(sum(sizes)).split(sizes)
+    return IndexLayout(latent=latent, clean=torch.cat([pre_idx, post]), clean_2x=clean_2x, clean_4x=clean_4x)
 
 
 def f1_layout(latent_window_size: int = 9) -> IndexLayout:

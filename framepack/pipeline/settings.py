@@ -43,6 +43,7 @@ class JobSettings:
     image_embeds: str | None = None  # start, linear, mean; None: linear with an end image, else start
     keyframes: tuple[str, ...] = ()  # "TIME=IMAGE", TIME in seconds of the output video
     blank: str = "gray"  # the start frame without --image
+    extend: Path | None = None  # a video to continue (framepack.pipeline.extend); --seconds is what is added
     loras: tuple[tuple[str, float], ...] = ()  # (path or bare name in the LoRA folder, scale); docs/lora.md
     lora_strict: bool = True  # LoRA keys that match no module are an error (False: a note)
 
@@ -100,7 +101,7 @@ class JobSettings:
     def to_dict(self) -> dict:
         data = asdict(self)
         data["loras"] = [[path, scale] for path, scale in self.loras]
-        for key in ("image", "output", "latents_out", "end_image"):
+        for key in ("image", "output", "latents_out", "end_image", "extend"):
             data[key] = None if data[key] is None else str(data[key])
         data["keyframes"] = list(data["keyframes"])
         return data

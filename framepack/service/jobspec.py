@@ -24,9 +24,9 @@ _INTS = {"steps": "--steps", "seed": "--seed", "resolution": "--resolution", "wi
 _FLOATS = {"seconds": "--seconds", "gs": "--gs", "cfg": "--cfg", "rs": "--rs", "end_strength": "--end-strength"}
 _TEXTS = {"prompt": "--prompt", "negative_prompt": "--negative-prompt", "variant": "--variant", "model": "--model",
           "size": "--size", "profile": "--profile", "image_embeds": "--image-embeds", "blank": "--blank"}
-# Images come as uploads ('image', 'end_image', one 'keyframes' file per time), not settings;
-# 'keyframes' in the settings is the list of their times in seconds.
-KNOWN = sorted((set(SETTINGS) - {"image", "end_image"}) | {"profile", "overrides"})
+# Images and the video to extend come as uploads ('image', 'end_image', one 'keyframes' file per
+# time, 'extend'), not settings; 'keyframes' in the settings is the list of their times in seconds.
+KNOWN = sorted((set(SETTINGS) - {"image", "end_image", "extend"}) | {"profile", "overrides"})
 OUTPUT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}\.[a-z0-9]{1,8}")
 DEFAULT_OUTPUT = "video.mp4"
 

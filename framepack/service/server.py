@@ -21,6 +21,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
+from framepack.api import blank_with_a_start
 from framepack.errors import UserError
 from framepack.service.jobspec import check_settings
 from framepack.service.logs import get_logger
@@ -31,7 +32,6 @@ from framepack.service.store import TERMINAL, DatabaseBusy, JobNotFound, JobStat
 SSE_POLL_S = 0.2
 SSE_KEEPALIVE_S = 15.0
 PUBLIC_PATHS = ("/healthz",)
-UNSUPPORTED_UPLOADS = ("end_image", "keyframes")
 
 
 class JobPatch(BaseModel):
@@ -156,7 +156,8 @@ def create_app(store: JobStore, storage: Storage, *, token: str | None = None, m
     @app.post("/api/jobs", status_code=201, summary="Submit a job")
     def submit(settings: str = Form(..., description="JSON object: Pipeline.generate's keywords"),
                image: UploadFile | None = File(None), priority: int = Form(0),
-               end_image: UploadFile | None = File(None), keyframes: list[UploadFile] | None = File(None)):
+               end_image: UploadFile | None = File(None), keyframes: list[UploadFile] | None = File(None),
+               extend: UploadFile | None = File(None)):
         try:
             raw = json.loads(settings)
         except ValueError as exc:
@@ -167,12 +168,17 @@ def create_app(store: JobStore, storage: Storage, *, token: str | None = None, m
         if len(times) != len(keyframes):
             raise UserError(f"keyframes: {len(times)} time(s) in the settings but {len(keyframes)} image(s) uploaded "
                             "(one 'keyframes' file per time, in the same order)")
+        if extend is not None and image is not None:  # the CLI's words for --extend with --image
+            raise UserError("extend and image: an extension starts from the video's own frames; leave out image")
+        if "blank" in checked and (image is not None or extend is not None):
+            raise UserError(blank_with_a_start(checked["blank"]))
         uploads = [("image", image), ("end_image", end_image)] + [(f"keyframe_{i}", k) for i, k in enumerate(keyframes)]
         inputs = {}
         try:
-            for field, upload in uploads:
+            for field, upload in uploads + [("extend", extend)]:
                 if upload is not None:  # no image: text-to-video from the settings' blank start
-                    inputs[field] = storage.save_input(upload.file, field, upload.filename, limit)
+                    inputs[field] = storage.save_input(upload.file, field, upload.filename, limit,
+                                                       video=field == "extend")
         except UploadTooLarge:
             raise
         except UserError as exc:

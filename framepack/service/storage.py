@@ -1,6 +1,6 @@
 """The service's shared folder: inputs by content hash, one folder per job.
 
-    inputs/<sha256>.<ext>     every uploaded image, checked and hashed once
+    inputs/<sha256>.<ext>     every uploaded image or video, checked and hashed once
     jobs/<id>/work/           the job folder (framepack.output.jobdir): checkpoint, finished sections
     jobs/<id>/out/            the outputs, named by the service, never by the user
     jobs/<id>/preview.png     the latest step's preview
@@ -40,13 +40,14 @@ class Storage:
 
     # --- inputs -------------------------------------------------------------------------------
 
-    def save_input(self, stream: BinaryIO, field: str, filename: str | None, limit_bytes: int | None = None) -> dict:
-        """Copy an upload into inputs/ under its sha256, after the CLI's image checks.
+    def save_input(self, stream: BinaryIO, field: str, filename: str | None, limit_bytes: int | None = None,
+                   video: bool = False) -> dict:
+        """Copy an upload into inputs/ under its sha256, after the CLI's image checks
+        (``video``: the checks ``--extend`` makes of the video it continues).
 
         -> ``{"sha256", "file", "name"}``; ``name`` (the user's file name) is kept
         for display only. Raises UserError with the CLI's message, naming the
         field instead of a server path."""
-        from framepack.pipeline.inputs import load_image
 
         tmp = self.root / "tmp" / f"{uuid.uuid4().hex}.upload"
         digest = hashlib.sha256()
@@ -60,13 +61,9 @@ class Storage:
                     digest.update(chunk)
                     out.write(chunk)
             try:
-                load_image(tmp)
+                ext = _check_video(tmp) if video else _check_image(tmp)
             except UserError as exc:
                 raise UserError(str(exc).replace(str(tmp), f"upload {field!r}")) from None
-            from PIL import Image
-
-            with Image.open(tmp) as im:
-                ext = (im.format or "img").lower()
             sha = digest.hexdigest()
             final = self.root / "inputs" / f"{sha}.{ext}"
             if final.exists():
@@ -122,6 +119,26 @@ class Storage:
             return None
         path = self.out_dir(job["id"]) / name
         return path if path.is_file() else None
+
+
+def _check_image(path: Path) -> str:
+    """The CLI's image checks; -> the file's extension by its format."""
+    from PIL import Image
+
+    from framepack.pipeline.inputs import load_image
+
+    load_image(path)
+    with Image.open(path) as im:
+        return (im.format or "img").lower()
+
+
+def _check_video(path: Path) -> str:
+    """Readable as a video (framepack.output.video_input); the length rules need the
+    job's window and are the worker's preflight."""
+    from framepack.output.video_input import probe_video
+
+    probe_video(path, flag=None)
+    return "video"
 
 
 class UploadTooLarge(UserError):

@@ -209,6 +209,8 @@ class PipelineRunner:
             image = self.storage.input_path(inputs["image"]) if "image" in inputs else None  # None: text-to-video
             if "end_image" in inputs:
                 kwargs["end_image"] = self.storage.input_path(inputs["end_image"])
+            if "extend" in inputs:  # the uploaded video this job continues
+                kwargs["extend"] = self.storage.input_path(inputs["extend"])
             if kwargs.get("keyframes"):
                 kwargs["keyframes"] = [(t, self.storage.input_path(inputs[f"keyframe_{i}"]))
                                        for i, t in enumerate(kwargs["keyframes"])]

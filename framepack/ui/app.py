@@ -121,6 +121,11 @@ def build_ui(client: ApiClient, *, default_model: str | None = None, default_pro
                             blank = gr.Dropdown(["gray", "black", "white", "noise"], value="gray",
                                                 label="Blank start (text-to-video)",
                                                 info="The first frame when no start image is given.")
+                        with gr.Accordion("Extend a video", open=False):
+                            extend_video = gr.File(label="Video to continue", file_types=["video"],
+                                                   elem_id="extend-video")
+                            gr.Markdown("Leave the start image empty: the new part continues this video's last "
+                                        "frames for *Seconds* more, and the output holds both (docs/controls.md).")
                         prompt = gr.Textbox(label="Prompt", lines=3, info=HELP["prompt"], elem_id="prompt")
                         sections_view = gr.Markdown(views.prompt_sections("", 5, 9), elem_id="prompt-sections")
                         negative = gr.Textbox(label="Negative prompt", info=HELP["negative_prompt"], visible=False)
@@ -250,13 +255,13 @@ def build_ui(client: ApiClient, *, default_model: str | None = None, default_pro
 
         # ------------------------------------------------------------ submit and follow
 
-        def submit(priority_value, img, end_img, key_files, key_times, *values):
+        def submit(priority_value, img, end_img, key_files, key_times, ext_file, *values):
             try:
                 settings, (end_s, embeds, blank_v, lora_v, scales_v) = collect(values)
                 if end_img:
                     settings["end_strength"] = float(end_s)
                     settings["image_embeds"] = embeds
-                if not img:
+                if not img and not ext_file:
                     settings["blank"] = blank_v
                 if lora_v:
                     scales = [s.strip() for s in (scales_v or "").split(",") if s.strip()]
@@ -271,12 +276,13 @@ def build_ui(client: ApiClient, *, default_model: str | None = None, default_pro
                     settings["keyframes"] = [float(t) for t in times]
                 job_id = client.submit(settings, image=Path(img) if img else None,
                                        end_image=Path(end_img) if end_img else None, keyframes=files,
-                                       priority=priority_value)
+                                       extend=Path(ext_file if isinstance(ext_file, str) else ext_file.name)
+                                       if ext_file else None, priority=priority_value)
             except (UserError, ValueError) as exc:
                 return gr.update(), f"**Not submitted:** {exc}", gr.update()
             return job_id, f"Job **{job_id}** queued.", views.progress_html(client.job(job_id))
 
-        inputs = [image, end_image, keyframes, keyframe_times, *form, *extra]
+        inputs = [image, end_image, keyframes, keyframe_times, extend_video, *form, *extra]
         queue_button.click(lambda *v: submit(0, *v), inputs, [current, message, progress])
         now_button.click(lambda *v: submit(NOW_PRIORITY, *v), inputs, [current, message, progress])
 

@@ -55,11 +55,12 @@ class ApiClient:
         return response.json() if response.content else None
 
     def submit(self, settings: dict, *, image: Path | None = None, end_image: Path | None = None,
-               keyframes: list[Path] = (), priority: int = 0) -> str:
+               keyframes: list[Path] = (), extend: Path | None = None, priority: int = 0) -> str:
         files = []
         handles = []
         try:
-            for field, path in [("image", image), ("end_image", end_image)] + [("keyframes", k) for k in keyframes]:
+            uploads = [("image", image), ("end_image", end_image), ("extend", extend)]
+            for field, path in uploads + [("keyframes", k) for k in keyframes]:
                 if path is None:
                     continue
                 handle = open(path, "rb")
