@@ -229,3 +229,15 @@ def test_probe_counts_frames_and_keyframes(tmp_path):
     probe = probe_video(write_plain_video(tmp_path / "v.mp4", 45, fps=25))
     assert probe.frames == 45 and probe.fps == Fraction(25) and probe.keyframes[0] == 0
     assert (probe.width, probe.height, probe.codec) == (64, 64, "h264")
+
+
+def test_an_absurdly_long_input_is_refused(tmp_path, monkeypatch):
+    import framepack.pipeline.extend as extend
+    from framepack import UserError
+    from framepack.pipeline.settings import JobSettings
+
+    monkeypatch.setattr(extend, "MAX_INPUT_SECONDS", 1.0)  # an hour is the real limit; 40 frames are 1.33 s
+    settings = JobSettings(image=None, prompt="a", output=tmp_path / "o.mp4",
+                           extend=write_plain_video(tmp_path / "v.mp4", 40))
+    with pytest.raises(UserError, match="longer than the 1 s an extension reads"):
+        extend.check_extension(settings)

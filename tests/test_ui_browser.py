@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.jobs import write_plain_video
 from tests.service_helpers import TOKEN, Server, wait_status
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -65,8 +66,9 @@ def _set_number(page, elem_id: str, value) -> None:
     playwright_api.expect(box).to_have_value(str(value))
 
 
-def _fill_job(page, image: Path, prompt: str, seconds: float, steps: int, window: int = 3) -> None:
-    page.locator("#start-image input[type=file]").set_input_files(str(image))
+def _fill_job(page, image: Path | None, prompt: str, seconds: float, steps: int, window: int = 3) -> None:
+    if image is not None:
+        page.locator("#start-image input[type=file]").set_input_files(str(image))
     page.locator("#prompt textarea").fill(prompt)
     _set_number(page, "seconds", seconds)
     if not page.locator("#steps input[type=number]").first.is_visible():
@@ -175,6 +177,23 @@ def test_generate_stop_resume_queue_and_load_settings(server, page, test_image, 
     page.get_by_role("tab", name="Presets").click()
     page.locator("#load-preset").click()
     page.wait_for_function("() => document.querySelector('#prompt textarea').value.includes('it breaks')")
+
+
+def test_extend_a_video_from_the_page(server, page, tmp_path, shots):
+    source = write_plain_video(tmp_path / "clip.mp4", 40)
+    page.goto(server.url + "/")
+    page.locator("#prompt textarea").wait_for()
+    page.get_by_text("Extend a video", exact=True).first.click()
+    page.locator("#extend-video input[type=file]").set_input_files(str(source))
+    _fill_job(page, None, "the dots drift on", seconds=1.2, steps=1)
+    page.locator("#generate-now").click()
+    page.locator("#progress [data-status]").wait_for()
+    job_id = _job_id(page)
+    _wait_status(page, {"done", "failed"})
+    job = server.client().get(f"/api/jobs/{job_id}").json()
+    page.screenshot(path=str(shots / "06-extended.png"), full_page=True)
+    assert job["status"] == "done", job["error"]
+    assert set(job["inputs"]) == {"extend"} and job["stats"]["frames"] == 40 + 36  # window 3: 3 sections of 12
 
 
 def test_phone_width_keeps_the_controls_usable(server, browser, shots):
