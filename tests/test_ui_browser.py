@@ -191,7 +191,7 @@ def test_extend_a_video_from_the_page(server, page, tmp_path, shots):
     job_id = _job_id(page)
     _wait_status(page, {"done", "failed"})
     job = server.client().get(f"/api/jobs/{job_id}").json()
-    page.screenshot(path=str(shots / "06-extended.png"), full_page=True)
+    page.screenshot(path=str(shots / "07-extended.png"), full_page=True)
     assert job["status"] == "done", job["error"]
     assert set(job["inputs"]) == {"extend"} and job["stats"]["frames"] == 40 + 36  # window 3: 3 sections of 12
 
@@ -201,9 +201,10 @@ def test_phone_width_keeps_the_controls_usable(server, browser, shots):
     page = context.new_page()
     page.goto(server.url + "/")
     page.locator("#prompt textarea").wait_for()
+    # The buttons come last: once they are rendered the whole form is (under load that takes a while).
+    playwright_api.expect(page.locator("#generate-now")).to_be_visible(timeout=60_000)
     width = page.evaluate("() => document.documentElement.scrollWidth")
     assert width <= 400  # nothing forces sideways scrolling
-    assert page.locator("#generate-now").is_visible()
     page.screenshot(path=str(shots / "06-phone.png"), full_page=True)
     context.close()
 

@@ -140,7 +140,7 @@ def read_extension(settings, probe: VideoProbe, height: int, width: int, outputs
     if probe.fps != FPS:
         note(f"--extend {probe.path}: {float(probe.fps):g} fps resampled to {FPS} fps (nearest frame): "
              f"{probe.frames} frames become {n}")
-    writers = _LeadWriters(settings, probe, outputs, lead, copyable=not resize and probe.fps == FPS) \
+    writers = _LeadWriters(probe, outputs, lead, copyable=not resize and probe.fps == FPS) \
         if outputs is not None else None
     first, window = None, deque(maxlen=keep)
     index = 0
@@ -154,9 +154,9 @@ def read_extension(settings, probe: VideoProbe, height: int, width: int, outputs
                 writers.write(index, frame)
             window.append(frame)
             index += 1
-        if index < min_input_frames(lws):
-            raise UserError(f"--extend {probe.path}: only {index} frames could be decoded; extending needs at least "
-                            f"{min_input_frames(lws)}")
+        if index != n:  # the lead was cut for n frames: a damaged file, or one whose packets are not frames
+            raise UserError(f"--extend {probe.path}: {index} frames decoded where its packets promise {n}; "
+                            "the file is damaged or unusual: encode it again (e.g. ffmpeg -i IN -c:v libx264 OUT.mp4)")
         result = ExtensionInput(frames=index, first=first, last=window[-1], context=np.stack(window),
                                 lead_frames=index - overlap(lws))
         if writers is not None:
@@ -165,8 +165,6 @@ def read_extension(settings, probe: VideoProbe, height: int, width: int, outputs
         if writers is not None:
             writers.abort()
         raise
-    if index != n:
-        note(f"--extend {probe.path}: {index} frames decoded where its packets promised {n}")
     return result
 
 
@@ -188,15 +186,19 @@ class _LeadWriters:
     """The leading segment of each frame writer: packets copied where the input
     matches the writer's own stream, frames encoded otherwise."""
 
-    def __init__(self, settings, probe: VideoProbe, outputs, lead: int, copyable: bool) -> None:
+    def __init__(self, probe: VideoProbe, outputs, lead: int, copyable: bool) -> None:
         self.outputs, self.probe, self.lead = outputs, probe, lead
         self.encoders: list[tuple[int, object, object]] = []  # (first frame index, writer, choice)
         self.copy: dict[str, int] = {}
         for choice in outputs.frame_writers:
             start = self._copyable_frames(choice) if copyable else 0
             if start:
-                self.copy[choice.name] = start
-                copy_leading_frames(probe.path, self._path(choice, 0), choice.backend.suffix.lstrip("."), start)
+                try:
+                    copy_leading_frames(probe.path, self._path(choice, 0), choice.backend.suffix.lstrip("."), start)
+                    self.copy[choice.name] = start
+                except ValueError as exc:  # not closed GOPs after all: every frame is encoded
+                    note(f"--extend {probe.path}: its packets cannot be copied ({exc}); encoding its frames again")
+                    start = 0
             if start < lead:
                 self.encoders.append((start, self._open(choice, 1 if start else 0), choice))
         copied = ", ".join(f"{k}: {v} frames" for k, v in self.copy.items())
