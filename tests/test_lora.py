@@ -193,6 +193,33 @@ def test_switching_in_a_warm_pipeline_restores_exactly_without_reloading(files, 
     assert torch.equal(b.latents, fresh_y.latents)  # x is gone before y goes in
 
 
+def test_the_memory_plan_counts_the_kept_copies_of_a_warm_transformer(files, tiny_model, test_image, tmp_path,
+                                                                      monkeypatch):
+    """The pre-merge copies a warm transformer keeps are in the job's RAM plan, at
+    the size they really take; a one-shot job keeps none and plans none."""
+    import framepack.pipeline.generate as generate
+    from framepack_plugins.attention.sdpa import sdpa_kernel
+    from framepack.pipeline.loras import prepare_job_loras
+    from framepack.pipeline.settings import JobSettings
+
+    path, _ = files["musubi"]
+    source = ModelSource.from_arg(str(tiny_model), "original")
+    job = prepare_job_loras(JobSettings(image=test_image, prompt="a", output=tmp_path / "x.mp4",
+                                        loras=((str(path), 0.8),)), source)
+    model = load_transformer(source, torch.float32, sdpa_kernel, "none")
+    apply_loras(model, job.requests, job.plan, keep_originals=True)
+    assert job.kept_bytes(source) == touched_bytes(model) > 0
+
+    planned = []
+    real = generate.plan_job
+    monkeypatch.setattr(generate, "plan_job", lambda *a, **k: planned.append(k.get("kept_ram_bytes")) or real(*a, **k))
+    with Pipeline(model=tiny_model, profile="cpu") as warm:  # keeps the transformer here
+        warm.generate(test_image, "a fox", output=tmp_path / "a.mp4", loras=[(path, 0.8)], **FAST)
+    with Pipeline(model=tiny_model, profile="cpu", keep_loaded="none") as one_shot:
+        one_shot.generate(test_image, "a fox", output=tmp_path / "b.mp4", loras=[(path, 0.8)], **FAST)
+    assert planned == [touched_bytes(model), 0]
+
+
 def test_switching_under_an_offload_policy_that_hooks_the_weights(files, pipe, plain, tiny_model, test_image, tmp_path):
     """sequential = diffusers' group offloading (hooks on every leaf): on CPU the weights
     stay where they are, but the merge and the restore go through the same hooks."""

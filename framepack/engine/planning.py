@@ -19,6 +19,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -285,10 +286,19 @@ def estimate(profile: Profile, offload: str, params: dict[str, int], height: int
     return Plan(offload, vram / GIB, ram / GIB, tuple(notes), tiling, vae_decode / GIB)
 
 
-def plan_job(engine, source, height: int, width: int, frames: int, lws: int, inverted: bool, head: int = 1) -> Plan:
+def plan_job(engine, source, height: int, width: int, frames: int, lws: int, inverted: bool, head: int = 1,
+             kept_ram_bytes: int = 0) -> Plan:
     """The plan for the engine's profile, checked against the hardware; the
-    shipped and user profiles for the same device are the alternatives."""
+    shipped and user profiles for the same device are the alternatives.
+    ``kept_ram_bytes``: RAM held beside the models whatever the profile (a warm
+    transformer's LoRA pre-merge copies), added to every plan."""
     plan, alternatives = plan_with_alternatives(engine, source, height, width, frames, lws, inverted, head)
+    if kept_ram_bytes:
+        def held(p: Plan) -> Plan:
+            note = f"LoRA pre-merge copies kept for the next switch: {kept_ram_bytes / GIB:.1f} GB of RAM"
+            return dataclasses.replace(p, ram_gb=p.ram_gb + kept_ram_bytes / GIB, notes=p.notes + (note,))
+
+        plan, alternatives = held(plan), [(name, held(alt)) for name, alt in alternatives]
     check_fits(plan, engine.hardware, alternatives)
     return plan
 

@@ -21,6 +21,7 @@ a model used for one job (the CLI) keeps none.
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +81,10 @@ def plan_loras(requests: list[LoraRequest], shapes: dict[str, tuple[int, ...]], 
     return plan
 
 
+# safetensors dtype names -> bytes per element
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1}
+
+
 @dataclass
 class WeightOrigin:
     """Where the loaded transformer's weights came from (a folder or hub repo and its
@@ -103,6 +108,24 @@ class WeightOrigin:
                 with safe_open(str(path), framework="pt") as handle:
                     self._index.update(dict.fromkeys(handle.keys(), path))
         return self._index.get(name)
+
+    def stored_bytes(self, names) -> int:
+        """Bytes the checkpoint stores for ``names``: what the kept pre-merge copies
+        of those weights take (headers only, nothing is read)."""
+        from safetensors import safe_open
+
+        total = 0
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            path = self.file_of(name)
+            if path is not None:
+                by_file.setdefault(path, []).append(name)
+        for path, found in by_file.items():
+            with safe_open(str(path), framework="pt") as handle:
+                for name in found:
+                    part = handle.get_slice(name)
+                    total += math.prod(part.get_shape()) * _DTYPE_BYTES.get(part.get_dtype(), 4)
+        return total
 
 
 @dataclass

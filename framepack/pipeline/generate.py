@@ -356,12 +356,15 @@ def generate(settings: JobSettings, engine: Engine, image: np.ndarray | None = N
                    {"the model folder": source.root})
     if settings.latents_out is not None and Path(settings.latents_out).exists() and not overwrite:
         raise UserError(f"--latents-out {settings.latents_out} exists; pass --overwrite to replace it")
-    plan = plan_job(engine, source, height, width, output_frames(settings, sections, video), lws,
-                    settings.variant == "original", head=lws if video is not None else 1)
-    device = execution_device(engine)
-    dtype = {part: torch_dtype(name) for part, name in engine.profile.dtype.items()}
     settings = resolve_job_loras(dataclasses.replace(settings, output=names.main), engine.profile)
     loras = prepare_job_loras(settings, source)  # a bad LoRA stops here, before the job folder exists
+    store = store or ModelStore()
+    # A transformer kept warm holds the LoRAs' pre-merge copies in RAM (framepack.models.lora).
+    kept = loras.kept_bytes(source) if "transformer" in store.keep else 0
+    plan = plan_job(engine, source, height, width, output_frames(settings, sections, video), lws,
+                    settings.variant == "original", head=lws if video is not None else 1, kept_ram_bytes=kept)
+    device = execution_device(engine)
+    dtype = {part: torch_dtype(name) for part, name in engine.profile.dtype.items()}
     record = _job_record(settings, engine, source, parts, sections, height, width, overrides, config_files,
                          names.writers, video)
     outputs = SegmentOutputs(names, jobdir, width, height, settings.variant == "original", FPS)
@@ -387,7 +390,7 @@ def generate(settings: JobSettings, engine: Engine, image: np.ndarray | None = N
             note(f"{names.renamed_from} exists; writing {names.main} instead (--overwrite replaces it)")
         with PeakMemory() as peak:
             result = _run(settings, engine, image, source, plan, device, dtype, height, width, sections, outputs,
-                          jobdir, record, resuming if resume else None, store or ModelStore(), cancel, started,
+                          jobdir, record, resuming if resume else None, store, cancel, started,
                           loras, partial_video, video)
         result.peak_ram_gb, result.peak_vram_gb = peak.peak_ram_gb, peak.peak_vram_gb
         written = result.outputs

@@ -80,6 +80,16 @@ class JobLoras:
 
     keep_originals: bool = True  # the transformer stays loaded: hold pre-merge copies for the next switch
 
+    def kept_bytes(self, source) -> int:
+        """RAM the pre-merge copies take in a transformer kept warm: the touched
+        weights as the checkpoint stores them (framepack.models.lora)."""
+        if not self.plan:
+            return 0
+        from framepack.models.lora import WeightOrigin
+
+        where, sub = source.location("transformer")
+        return WeightOrigin(where, sub, torch.float32).stored_bytes(self.plan)
+
     def merge_into(self, model: torch.nn.Module) -> torch.nn.Module:
         """Make the (fresh or warm) transformer carry exactly these LoRAs."""
         apply_loras(model, self.requests, self.plan, self.keep_originals)
