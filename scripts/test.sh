@@ -9,5 +9,6 @@ source scripts/system-deps.sh
 # tiny model's ops are too small to gain from more, and on a 2-core machine two
 # workers of two threads each fight over the cores. Together: about 17 minutes
 # here instead of 40. FRAMEPACK_TEST_WORKERS=0 runs them in this process.
+# The 15 slowest tests are listed at the end, to see where the time goes.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-exec "$VENV/bin/python" -m pytest -n "${FRAMEPACK_TEST_WORKERS:-auto}" --dist loadfile "$@"
+exec "$VENV/bin/python" -m pytest -n "${FRAMEPACK_TEST_WORKERS:-auto}" --dist loadfile --durations=15 "$@"
