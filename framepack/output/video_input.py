@@ -11,6 +11,7 @@ machine, which a resumed job relies on.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from fractions import Fraction
@@ -41,17 +42,29 @@ class VideoProbe:
 
 def probe_video(path: Path, flag: str | None = "--extend") -> VideoProbe:
     """Count a video's frames and keyframes from its packets (no decoding).
-    Anything that is not a readable video is one line naming ``flag`` and the path."""
-    import av
-
+    Anything that is not a readable video is one line naming ``flag`` and the path.
+    A job checks its input more than once (preflight, then the job); the same file
+    (path, size, mtime) is demuxed once."""
     path = Path(path).expanduser()
     where = f"{flag} {path}" if flag else str(path)
     if not path.is_file():
         raise UserError(f"{where}: no such file" if not path.exists() else f"{where}: not a file")
+    stat = path.stat()
+    try:
+        return _probe(str(path), stat.st_size, stat.st_mtime_ns)
+    except UserError as exc:
+        raise UserError(f"{where}: {exc}") from None
+
+
+@functools.lru_cache(maxsize=16)
+def _probe(path: str, size: int, mtime_ns: int) -> VideoProbe:
+    import av
+
+    path = Path(path)
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
-                raise UserError(f"{where}: the file has no video stream")
+                raise UserError("the file has no video stream")
             stream = container.streams.video[0]
             fps = stream.average_rate or stream.guessed_rate
             packets = [(p.pts, p.is_keyframe) for p in container.demux(stream) if p.dts is not None or p.pts is not None]
@@ -59,9 +72,9 @@ def probe_video(path: Path, flag: str | None = "--extend") -> VideoProbe:
     except UserError:
         raise
     except (OSError, av.FFmpegError, ValueError) as exc:
-        raise UserError(f"{where}: not a video PyAV can read ({exc})") from None
+        raise UserError(f"not a video PyAV can read ({exc})") from None
     if not packets or not width or not height or not fps:
-        raise UserError(f"{where}: not a video PyAV can read (no frames, size or frame rate)")
+        raise UserError("not a video PyAV can read (no frames, size or frame rate)")
     order = sorted(range(len(packets)), key=lambda i: (packets[i][0] is None, packets[i][0] or 0))
     keyframes = tuple(rank for rank, i in enumerate(order) if packets[i][1])
     return VideoProbe(path, len(packets), Fraction(fps), width, height, codec, keyframes)

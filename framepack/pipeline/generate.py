@@ -514,8 +514,8 @@ def _run(settings, engine, image, source, plan, device, dtype, height, width, se
     store.done_with("vision")
     checkpoint = resuming.checkpoint if resuming is not None else None
     if checkpoint is not None and not torch.equal(start_latent, checkpoint.start_latent):
-        raise UserError("the start image encodes differently than when this job started "
-                        "(another image, VAE or machine); its checkpoint cannot continue")
+        raise UserError("the start frame encodes differently than when this job started "
+                        "(another image or video, VAE or machine); its checkpoint cannot continue")
 
     shape = LoopShape(sections, lws, height // 8, width // 8, settings.variant == "original", settings.seed,
                       extends=extension is not None)
