@@ -62,7 +62,6 @@ class LoopShape:
     seed: int
     extends: bool = False  # continues a video (framepack.pipeline.extend): its frames come first
 
-
     @property
     def noise_shape(self) -> tuple[int, ...]:
         return (1, LATENT_CHANNELS, self.lws, self.h, self.w)
