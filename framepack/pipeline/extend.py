@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
@@ -47,7 +47,6 @@ import torch
 
 from framepack.errors import UserError
 from framepack.notes import note
-from framepack.output.jobdir import file_digest
 from framepack.output.video_input import VideoProbe, copy_leading_frames, decode_rgb, probe_video, stream_signature
 from framepack.pipeline.buckets import resize_and_center_crop
 from framepack.pipeline.sections import FPS, pixel_frames_per_section
@@ -114,8 +113,6 @@ class ExtensionInput:
     last: np.ndarray
     context: np.ndarray  # (C, H, W, 3) uint8: the last C frames, encoded as context
     lead_frames: int  # frames before the cross-fade: the leading segment
-    lead_files: dict[str, str] = field(default_factory=dict)  # written now: {path in the job folder: sha256}
-    copied: dict[str, int] = field(default_factory=dict)  # writer -> frames whose packets were copied
 
     def tail_pixels(self, lws: int) -> torch.Tensor:
         """The last O frames as (1, 3, O, H, W) float in [-1, 1]: where the cross-fade starts from."""
@@ -160,7 +157,7 @@ def read_extension(settings, probe: VideoProbe, height: int, width: int, outputs
         result = ExtensionInput(frames=index, first=first, last=window[-1], context=np.stack(window),
                                 lead_frames=index - overlap(lws))
         if writers is not None:
-            result.lead_files, result.copied = writers.close()
+            writers.close()
     except BaseException:
         if writers is not None:
             writers.abort()
@@ -243,15 +240,10 @@ class _LeadWriters:
             if index >= start:
                 writer.write(frame[None])
 
-    def close(self) -> tuple[dict[str, str], dict[str, int]]:
+    def close(self) -> None:
         for _, writer, _ in self.encoders:
             writer.close()
         self.encoders = []
-        files = {}
-        for choice in self.outputs.frame_writers:
-            for path in self.outputs.lead_files(choice):
-                files[self.outputs.jobdir.relative(path)] = file_digest(path)
-        return files, dict(self.copy)
 
     def abort(self) -> None:
         for _, writer, _ in self.encoders:
