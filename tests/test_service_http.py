@@ -22,10 +22,10 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, tiny_model):
     root = tmp_path_factory.mktemp("service")
     srv = Server(f"sqlite:///{root / 'queue.sqlite3'}", root / "storage", "--workers", "1", "--max-upload-mb", "1",
-                 token=TOKEN).start()
+                 "--allow-model", str(tiny_model), token=TOKEN).start()
     yield srv
     srv.stop()
 

@@ -58,7 +58,7 @@ def test_a_worker_killed_mid_job_is_resumed_by_another(db_url, tmp_path, tiny_mo
                                                        reference):
     """On one SQLite file, and on PostgreSQL as workers on several machines would share it."""
     db, storage = db_url, tmp_path / "storage"
-    server = Server(db, storage, "--workers", "0").start()
+    server = Server(db, storage, "--workers", "0", "--allow-model", str(tiny_model)).start()
     # Both workers kill themselves at the end of section 0; the one that resumes starts after it.
     workers = [start_worker(db, storage, env_extra={"KILL_AFTER": "0"}, pythonpath=killer_path,
                             log=tmp_path / f"worker{i}.log") for i in range(2)]
@@ -84,7 +84,8 @@ def test_the_server_killed_mid_job_and_restarted_resumes_it(tmp_path, tiny_model
     pause = tmp_path / "pause"
     pause.mkdir()
     env = {"KILL_AFTER": "0", "PAUSE_DIR": str(pause)}
-    server = Server(db, storage, "--workers", "1", env_extra=env, pythonpath=killer_path, token=TOKEN).start()
+    server = Server(db, storage, "--workers", "1", "--allow-model", str(tiny_model), env_extra=env,
+                    pythonpath=killer_path, token=TOKEN).start()
     with server.client() as client:
         job_id = submit(client, test_image, job_settings(tiny_model)).json()["id"]
         waiting = submit(client, test_image, tiny_settings(tiny_model, seed=8), priority=-1).json()["id"]
@@ -94,7 +95,8 @@ def test_the_server_killed_mid_job_and_restarted_resumes_it(tmp_path, tiny_model
     # The worker dies with its server (PR_SET_PDEATHSIG): no orphan keeps the job.
     wait_for(lambda: not Path(f"/proc/{worker_pid}").exists() or _zombie(worker_pid), 10, "the worker to die")
 
-    restarted = Server(db, storage, "--workers", "1", env_extra=env, pythonpath=killer_path, token=TOKEN).start()
+    restarted = Server(db, storage, "--workers", "1", "--allow-model", str(tiny_model), env_extra=env,
+                       pythonpath=killer_path, token=TOKEN).start()
     try:
         with restarted.client() as client:
             jobs = {j["id"]: j for j in client.get("/api/jobs").json()["jobs"]}
@@ -125,8 +127,8 @@ def test_cancel_mid_job_then_resume(tmp_path, tiny_model, test_image, killer_pat
     db, storage = f"sqlite:///{tmp_path / 'queue.sqlite3'}", tmp_path / "storage"
     pause = tmp_path / "pause"
     pause.mkdir()
-    server = Server(db, storage, "--workers", "1", env_extra={"KILL_AFTER": "0", "PAUSE_DIR": str(pause)},
-                    pythonpath=killer_path).start()
+    server = Server(db, storage, "--workers", "1", "--allow-model", str(tiny_model),
+                    env_extra={"KILL_AFTER": "0", "PAUSE_DIR": str(pause)}, pythonpath=killer_path).start()
     try:
         with server.client() as client:
             job_id = submit(client, test_image, job_settings(tiny_model)).json()["id"]
@@ -163,7 +165,7 @@ def test_a_job_that_kills_its_worker_three_times_fails_with_the_reasons(tmp_path
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: striker-plugin\nVersion: 1.0\n")
     (info / "entry_points.txt").write_text("[framepack]\nstriker = striker_plugin\n")
     db, storage = f"sqlite:///{tmp_path / 'queue.sqlite3'}", tmp_path / "storage"
-    server = Server(db, storage, "--workers", "1", pythonpath=plugin, lease_s=2).start()
+    server = Server(db, storage, "--workers", "1", "--allow-model", str(tiny_model), pythonpath=plugin, lease_s=2).start()
     try:
         with server.client() as client:
             job_id = submit(client, test_image, tiny_settings(tiny_model)).json()["id"]
@@ -183,7 +185,7 @@ def test_a_worker_stopped_with_sigterm_gives_its_job_back(tmp_path, tiny_model, 
     db, storage = f"sqlite:///{tmp_path / 'queue.sqlite3'}", tmp_path / "storage"
     pause = tmp_path / "pause"
     pause.mkdir()
-    server = Server(db, storage, "--workers", "0").start()
+    server = Server(db, storage, "--workers", "0", "--allow-model", str(tiny_model)).start()
     worker = start_worker(db, storage, env_extra={"KILL_AFTER": "0", "PAUSE_DIR": str(pause)}, pythonpath=killer_path,
                           log=tmp_path / "worker.log")
     try:

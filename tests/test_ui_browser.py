@@ -66,13 +66,28 @@ def _set_number(page, elem_id: str, value) -> None:
     playwright_api.expect(box).to_have_value(str(value))
 
 
+def _open(page, accordion: str, inside: str) -> None:
+    """Opens the accordion #accordion and waits until `inside` is there (Gradio
+    renders a closed accordion's children only once it opens). A click that
+    lands before the page has wired its handlers does nothing, as seen once on
+    a loaded 2-core CI machine, so it clicks until the button says open."""
+    button = page.locator(f"#{accordion} > button.label-wrap").first
+    for _ in range(10):
+        if "open" in (button.get_attribute("class") or "").split():
+            break
+        button.click()
+        time.sleep(0.5)
+    else:
+        raise AssertionError(f"the {accordion!r} accordion did not open after 10 clicks")
+    page.locator(inside).first.wait_for(state="attached")
+
+
 def _fill_job(page, image: Path | None, prompt: str, seconds: float, steps: int, window: int = 3) -> None:
     if image is not None:
         page.locator("#start-image input[type=file]").set_input_files(str(image))
     page.locator("#prompt textarea").fill(prompt)
     _set_number(page, "seconds", seconds)
-    if not page.locator("#steps input[type=number]").first.is_visible():
-        page.get_by_text("Sampling", exact=True).first.click()  # open the accordion with steps, window and size
+    _open(page, "sampling-box", "#steps input[type=number]")  # steps, window and size
     _set_number(page, "steps", steps)
     _set_number(page, "window-slider", window)
     page.locator("#size textarea, #size input").first.fill("64x64")
@@ -183,7 +198,7 @@ def test_extend_a_video_from_the_page(server, page, tmp_path, shots):
     source = write_plain_video(tmp_path / "clip.mp4", 40)
     page.goto(server.url + "/")
     page.locator("#prompt textarea").wait_for()
-    page.get_by_text("Extend a video", exact=True).first.click()
+    _open(page, "extend-box", "#extend-video input[type=file]")
     page.locator("#extend-video input[type=file]").set_input_files(str(source))
     _fill_job(page, None, "the dots drift on", seconds=1.2, steps=1)
     page.locator("#generate-now").click()

@@ -41,6 +41,8 @@ def add_parsers(sub) -> None:
                    help="require Authorization: Bearer <the token in this file> on every endpoint but /healthz")
     s.add_argument("--max-upload-mb", type=float, default=50.0, help="largest request body (default 50; 413 beyond)")
     s.add_argument("--no-ui", dest="ui", action="store_false", help="serve the API only, without the web UI at /")
+    s.add_argument("--allow-model", dest="allow_models", action="append", default=[], metavar="FOLDER_OR_REPO",
+                   help="a model jobs may name besides --model (repeatable); clients name no other server path")
     _add_store_args(s)
     _add_engine_args(s)
 
@@ -106,7 +108,7 @@ def cmd_serve(args) -> int:
     setup_logging("server", storage / "logs")
     return serve(host=args.host, port=args.port, workers=args.workers, db=args.db, storage_dir=storage,
                  token_file=args.auth, max_upload_mb=args.max_upload_mb, worker_args=_engine_args(args),
-                 lease_s=args.lease_s, ui=args.ui)
+                 lease_s=args.lease_s, ui=args.ui, models=[m for m in [args.model, *args.allow_models] if m])
 
 
 def cmd_worker(args) -> int:

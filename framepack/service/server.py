@@ -4,7 +4,9 @@ Endpoints are listed in docs/api.md; OpenAPI is at /docs. Safe by default: it
 binds 127.0.0.1; with a token every endpoint but /healthz needs
 ``Authorization: Bearer <token>``; request bodies over the upload limit get
 413 before any of them is parsed; uploads pass the CLI's image checks; job
-files are served only by the names the worker recorded, under their job's id.
+files are served only by the names the worker recorded, under their job's id;
+settings name no server file but the models and LoRAs the operator offers
+(client_paths).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import hmac
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
@@ -23,6 +25,7 @@ from pydantic import BaseModel
 
 from framepack.api import blank_with_a_start
 from framepack.errors import UserError
+from framepack.service.client_paths import ClientPaths
 from framepack.service.jobspec import check_settings
 from framepack.service.logs import get_logger
 from framepack.service.metrics import CONTENT_TYPE, registry_for, render
@@ -133,14 +136,17 @@ def public(job: dict) -> dict:
 
 
 def create_app(store: JobStore, storage: Storage, *, token: str | None = None, max_upload_mb: float = 50.0,
-               supervisor=None, ui_base_url: str | None = None, ui_defaults: dict | None = None) -> FastAPI:
+               supervisor=None, ui_base_url: str | None = None, ui_defaults: dict | None = None,
+               models: Iterable[str] = ()) -> FastAPI:
     """The service's app; with ``ui_base_url`` (where this server answers) the
-    web UI is mounted at ``/`` as a client of the API there (framepack.ui)."""
+    web UI is mounted at ``/`` as a client of the API there (framepack.ui).
+    ``models``: the models a job may name (framepack.service.client_paths)."""
     log = get_logger()
     app = FastAPI(title="framepack render service", version="1",
                   description="Queue FramePack renders, follow them, fetch their files (docs/api.md).")
     metrics = registry_for(store)
     limit = int(max_upload_mb * 1e6)
+    client_paths = ClientPaths(models)
 
     for error, status in ((JobNotFound, 404), (JobStateError, 409), (UploadTooLarge, 413), (DatabaseBusy, 503),
                           (UserError, 422)):
@@ -163,6 +169,7 @@ def create_app(store: JobStore, storage: Storage, *, token: str | None = None, m
         except ValueError as exc:
             return JSONResponse({"detail": f"settings: not valid JSON: {exc}"}, status_code=400)
         checked = check_settings(raw)
+        client_paths.check(checked)
         keyframes = keyframes or []
         times = checked.get("keyframes", [])
         if len(times) != len(keyframes):
@@ -200,6 +207,8 @@ def create_app(store: JobStore, storage: Storage, *, token: str | None = None, m
     def patch_job(job_id: str, body: JobPatch):
         job_or_404(job_id)
         settings = check_settings(body.settings) if body.settings is not None else None
+        if settings is not None:
+            client_paths.check(settings)
         return public(store.patch(job_id, priority=body.priority, position=body.position, settings=settings))
 
     @app.delete("/api/jobs/{job_id}", summary="Cancel: a running job stops at the next step and keeps its checkpoint")
@@ -259,6 +268,12 @@ def create_app(store: JobStore, storage: Storage, *, token: str | None = None, m
             return JSONResponse({"detail": f"job {job_id} has no file {name!r}"}, status_code=404)
         return FileResponse(path, filename=Path(name).name)
 
+    @app.get("/api/loras", summary="The LoRAs jobs may name: the files in the server's LoRA folder")
+    def list_loras():
+        from framepack.models.lora_formats import describe_lora_dir
+
+        return {"loras": describe_lora_dir()[1]}  # names, sizes, formats; not the server's folder
+
     @app.get("/api/presets", summary="Named settings (for a web UI)")
     def list_presets():
         return store.presets()
@@ -295,7 +310,8 @@ def create_app(store: JobStore, storage: Storage, *, token: str | None = None, m
 
         ui_defaults = ui_defaults or {}
         mount_ui(app, ApiClient(ui_base_url, token, cache_dir=storage.root / "ui-cache"), token=token,
-                 default_model=ui_defaults.get("model"), default_profile=ui_defaults.get("profile"))
+                 default_model=ui_defaults.get("model"), default_profile=ui_defaults.get("profile"),
+                 client_paths=client_paths)
     wrapped: Any = BodyLimit(app, limit)
     if token is not None:
         wrapped = BearerAuth(wrapped, token)  # outermost: no body is read before the token is checked
@@ -303,7 +319,8 @@ def create_app(store: JobStore, storage: Storage, *, token: str | None = None, m
 
 
 def serve(*, host: str, port: int, workers: int, db: str | None, storage_dir: Path, token_file: Path | None,
-          max_upload_mb: float, worker_args: list[str], lease_s: float, ui: bool = True) -> int:
+          max_upload_mb: float, worker_args: list[str], lease_s: float, ui: bool = True,
+          models: Iterable[str] = ()) -> int:
     import uvicorn
 
     from framepack.service.supervisor import Supervisor
@@ -326,7 +343,7 @@ def serve(*, host: str, port: int, workers: int, db: str | None, storage_dir: Pa
     # The UI's memory plan is the plan of the job that will run: the workers' model and profile.
     ui_defaults = {flag[2:]: value for flag, value in zip(worker_args, worker_args[1:]) if flag in ("--model", "--profile")}
     app = create_app(store, storage, token=token, max_upload_mb=max_upload_mb, supervisor=supervisor,
-                     ui_base_url=ui_base_url, ui_defaults=ui_defaults)
+                     ui_base_url=ui_base_url, ui_defaults=ui_defaults, models=models)
     if host not in ("127.0.0.1", "localhost", "::1") and token is None:
         log.warning("listening beyond this machine without --auth: anyone who can reach it can queue jobs",
                     extra={"host": host})

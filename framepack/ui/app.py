@@ -16,6 +16,7 @@ from typing import Any
 import gradio as gr
 
 from framepack.errors import UserError
+from framepack.service.client_paths import ClientPaths
 from framepack.ui import views
 from framepack.ui.client import ApiClient, ApiError
 
@@ -46,7 +47,7 @@ HELP = {
     "cache": "Skip transformer calls that change little: faster, a little less faithful.",
     "cache_threshold": "Higher skips more.",
     "profile": "Hardware profile; auto picks the one that matches this machine.",
-    "model": "A model folder or hub repo; empty: the service's default.",
+    "model": "A model this service offers (framepack serve --allow-model); empty: the service's default.",
 }
 
 
@@ -90,10 +91,12 @@ def _plan_text(model, variant, seconds, window, resolution, size, image_size, pr
 
 
 def build_ui(client: ApiClient, *, default_model: str | None = None, default_profile: str | None = None,
-             poll_s: float = 1.0) -> gr.Blocks:
+             poll_s: float = 1.0, client_paths: ClientPaths | None = None) -> gr.Blocks:
     """The app. ``default_model`` / ``default_profile``: what the service's
     workers use for a job that names none (their --model and --profile), so the
-    memory plan is the plan of the job that will run."""
+    memory plan is the plan of the job that will run. ``client_paths``: the
+    service's rule for the models a job may name; the plan reads no other."""
+    client_paths = client_paths or ClientPaths([default_model] if default_model else [])
     profiles, profile_why = profile_choices()
     if default_profile:
         profile_why = f"auto = **{default_profile}**: the service's workers run jobs that name none with it"
@@ -108,7 +111,7 @@ def build_ui(client: ApiClient, *, default_model: str | None = None, default_pro
                         image = gr.Image(label="Start image", type="filepath", sources=["upload", "clipboard"],
                                          elem_id="start-image")
                         gr.Markdown(HELP["image"])
-                        with gr.Accordion("End frame and keyframes", open=False):
+                        with gr.Accordion("End frame and keyframes", open=False, elem_id="end-frame-box"):
                             end_image = gr.Image(label="End image", type="filepath", elem_id="end-image")
                             end_strength = gr.Slider(0, 1, value=1.0, step=0.05, label="End strength",
                                                      info="How strongly the end image pulls the video's end.")
@@ -121,7 +124,7 @@ def build_ui(client: ApiClient, *, default_model: str | None = None, default_pro
                             blank = gr.Dropdown(["gray", "black", "white", "noise"], value="gray",
                                                 label="Blank start (text-to-video)",
                                                 info="The first frame when no start image is given.")
-                        with gr.Accordion("Extend a video", open=False):
+                        with gr.Accordion("Extend a video", open=False, elem_id="extend-box"):
                             extend_video = gr.File(label="Video to continue", file_types=["video"],
                                                    elem_id="extend-video")
                             gr.Markdown("Leave the start image empty: the new part continues this video's last "
@@ -134,7 +137,7 @@ def build_ui(client: ApiClient, *, default_model: str | None = None, default_pro
                                                 info=HELP["seconds"], elem_id="seconds")
                             seed = gr.Number(value=views.DEFAULTS["seed"], precision=0, label="Seed", info=HELP["seed"])
                             dice = gr.Button("Random seed", size="sm")
-                        with gr.Accordion("Sampling", open=False):
+                        with gr.Accordion("Sampling", open=False, elem_id="sampling-box"):
                             steps = gr.Slider(1, 100, value=25, step=1, label="Steps", info=HELP["steps"], elem_id="steps")
                             window = gr.Slider(1, 33, value=9, step=1, label="Window", info=HELP["window"], elem_id="window-slider")
                             gs = gr.Slider(1, 32, value=10, step=0.5, label="Distilled guidance", info=HELP["gs"])
@@ -146,7 +149,7 @@ def build_ui(client: ApiClient, *, default_model: str | None = None, default_pro
                             size = gr.Textbox(label="Exact size", placeholder="HEIGHTxWIDTH", info=HELP["size"],
                                               elem_id="size")
                             blend = gr.Slider(0, 10, value=0, step=1, label="Prompt blend", info=HELP["prompt_blend"])
-                        with gr.Accordion("Speed and hardware", open=False):
+                        with gr.Accordion("Speed and hardware", open=False, elem_id="speed-box"):
                             cache = gr.Dropdown(["none", "teacache", "magcache", "first_block"], value="none",
                                                 label="Step cache", info=HELP["cache"])
                             threshold = gr.Slider(0.01, 0.5, value=0.15, step=0.01, label="Cache threshold",
@@ -239,6 +242,8 @@ def build_ui(client: ApiClient, *, default_model: str | None = None, default_pro
                     with Image.open(img) as opened:
                         image_size = (opened.height, opened.width)
                 exact = parse_size(size_text) if (size_text or "").strip() else None
+                if (mdl or "").strip():
+                    client_paths.check({"model": mdl.strip()})  # the plan reads only a model the service offers
             except (UserError, ValueError, OSError) as exc:
                 return f"Memory plan: {exc}"
             chosen = default_profile if prof == "auto" else prof
@@ -458,7 +463,7 @@ def build_ui(client: ApiClient, *, default_model: str | None = None, default_pro
 
 
 def mount_ui(app, client: ApiClient, *, token: str | None = None, path: str = "/", default_model: str | None = None,
-             default_profile: str | None = None):
+             default_profile: str | None = None, client_paths: ClientPaths | None = None):
     """Mount the UI on the service's FastAPI app. With a token, a login page
     asks for it (any user name, the token as the password)."""
     import hmac
@@ -467,7 +472,7 @@ def mount_ui(app, client: ApiClient, *, token: str | None = None, path: str = "/
         return hmac.compare_digest(password.encode(), token.encode())
 
     auth = token_matches if token else None
-    ui = build_ui(client, default_model=default_model, default_profile=default_profile)
+    ui = build_ui(client, default_model=default_model, default_profile=default_profile, client_paths=client_paths)
     return gr.mount_gradio_app(app, ui, path=path, auth=auth, css=CSS,
                                auth_message="The token from the service's --auth file.",
                                allowed_paths=[str(client.cache_dir)], footer_links=[])
