@@ -73,14 +73,18 @@ def job_args(tiny_model, image, out: Path, variant: str, seconds: float, writers
     return args
 
 
-def write_plain_video(path: Path, frames: int, fps: int = 30, size=(64, 64), seed=0) -> Path:
-    """A video not made by framepack (x264 with PyAV's defaults): random pixels scrolling sideways."""
+def write_plain_video(path: Path, frames: int, fps: int = 30, size=(64, 64), seed=0, rotation: int = 0) -> Path:
+    """A video not made by framepack (x264 with PyAV's defaults): random pixels scrolling
+    sideways, stored at ``size``; ``rotation``: the display matrix's turn, counterclockwise
+    (a phone's portrait video is stored landscape with -90)."""
     h, w = size
     rng = np.random.default_rng(seed)
     base = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
     with av.open(str(path), "w") as out:
         stream = out.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        if rotation:
+            stream.set_display_rotation(rotation)
         for i in range(frames):
             frame = av.VideoFrame.from_ndarray(np.roll(base, 2 * i, axis=1), format="rgb24")
             for packet in stream.encode(frame):

@@ -231,6 +231,33 @@ def test_probe_counts_frames_and_keyframes(tmp_path):
     assert (probe.width, probe.height, probe.codec) == (64, 64, "h264")
 
 
+@pytest.mark.parametrize("rotation, turns", [(-90, 3), (90, 1), (180, 2)])
+def test_a_turned_video_is_probed_and_decoded_upright(tmp_path, rotation, turns):
+    stored = np.stack(list(decode_rgb(write_plain_video(tmp_path / "flat.mp4", 8, size=(48, 80)))))
+    turned = write_plain_video(tmp_path / "turned.mp4", 8, size=(48, 80), rotation=rotation)
+    probe = probe_video(turned)
+    assert probe.rotation == turns * 90 and probe.frames == 8
+    assert (probe.height, probe.width) == ((48, 80) if turns == 2 else (80, 48))  # as a player shows it
+    upright = np.stack(list(decode_rgb(turned)))
+    assert upright.shape == (8, probe.height, probe.width, 3)
+    assert np.array_equal(upright, np.rot90(stored, turns, axes=(1, 2)))  # the same packets, turned
+
+
+def test_a_portrait_phone_video_is_extended_upright(pipe, tmp_path, capsys):
+    source = write_plain_video(tmp_path / "phone.mp4", 40, size=(64, 96), rotation=-90)  # stored 96 wide
+    out = tmp_path / "more.mp4"
+    result = pipe.generate(None, "a fox", extend=source, output=out, seconds=1.2, variant="f1",
+                           overrides=['writers=["mp4", "png"]'], **FAST)
+    err = capsys.readouterr().err
+    assert "64x96 resized and cropped to 64x64" in err and "packets copied" not in err  # width x height
+    frames = frames_of(tmp_path / "more")
+    assert result.frames == 40 + 36 == len(frames)
+    from framepack.pipeline.buckets import resize_and_center_crop
+
+    first = resize_and_center_crop(next(iter(decode_rgb(source))), 64, 64)
+    assert np.array_equal(frames[0], first)  # the lead: the upright input, as the png writer keeps it
+
+
 def test_an_absurdly_long_input_is_refused(tmp_path, monkeypatch):
     import framepack.pipeline.extend as extend
     from framepack import UserError

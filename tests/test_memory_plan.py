@@ -36,3 +36,21 @@ def test_an_image_picks_its_bucket_and_the_automatic_profile_says_why(tiny_model
     view = plan_for(model=str(tiny_model), seconds=1, image_size=(480, 640), resolution=640)
     assert view.height < view.width
     assert view.why.startswith("matches this machine")
+
+
+def test_an_extension_plans_for_its_video_size_its_frames_and_the_decoded_head(tiny_model, tmp_path):
+    from framepack.engine.assemble import assemble
+    from framepack.pipeline.buckets import nearest_bucket
+    from tests.jobs import write_plain_video
+
+    video = write_plain_video(tmp_path / "clip.mp4", 45, size=(48, 96))
+    view = plan_for(model=str(tiny_model), seconds=1.2, window=3, resolution=640, extend=video, profile="cpu",
+                    image_size=(640, 640))  # a stale image size does not count: the video's does
+    assert (view.height, view.width) == nearest_bucket(48, 96, 640) and view.height < view.width
+    assert view.frames == 45 + 4 * 3 * view.sections
+    engine = assemble("cpu")
+    source = ModelSource.from_arg(str(tiny_model), "original")
+    args = (engine.profile, engine.choices["offload"].name, count_params(source), view.height, view.width,
+            view.frames, 3, True, "cpu", vae_geometry(source))
+    assert view.ram_gb == estimate(*args, head=3).ram_gb
+    assert view.ram_gb > estimate(*args).ram_gb  # the inverted model's last decode holds the input's latents too

@@ -201,6 +201,8 @@ def test_extend_a_video_from_the_page(server, page, tmp_path, shots):
     _open(page, "extend-box", "#extend-video input[type=file]")
     page.locator("#extend-video input[type=file]").set_input_files(str(source))
     _fill_job(page, None, "the dots drift on", seconds=1.2, steps=1)
+    # The plan counts the input's 40 frames before the 3 sections of 12 new ones.
+    playwright_api.expect(page.locator("#memory-plan")).to_contain_text("3 sections, 76 frames", timeout=60_000)
     page.locator("#generate-now").click()
     page.locator("#progress [data-status]").wait_for()
     job_id = _job_id(page)

@@ -30,10 +30,11 @@ class VideoProbe:
     path: Path
     frames: int  # video packets: one per frame for every codec framepack reads
     fps: Fraction
-    width: int
+    width: int  # as displayed: the stored size turned by ``rotation``
     height: int
     codec: str
     keyframes: tuple[int, ...]  # presentation indices of the frames that start a GOP
+    rotation: int = 0  # degrees counterclockwise the player turns the stored frames (0, 90, 180, 270)
 
     @property
     def seconds(self) -> float:
@@ -67,7 +68,13 @@ def _probe(path: str, size: int, mtime_ns: int) -> VideoProbe:
                 raise UserError("the file has no video stream")
             stream = container.streams.video[0]
             fps = stream.average_rate or stream.guessed_rate
-            packets = [(p.pts, p.is_keyframe) for p in container.demux(stream) if p.dts is not None or p.pts is not None]
+            packets, rotation = [], None
+            for packet in container.demux(stream):
+                if packet.dts is None and packet.pts is None:
+                    continue
+                packets.append((packet.pts, packet.is_keyframe))
+                if rotation is None:  # the display matrix comes with the frames: decode up to the first
+                    rotation = next((quarter_turns(f) * 90 for f in packet.decode()), None)
             codec, width, height = stream.codec_context.name, stream.codec_context.width, stream.codec_context.height
     except UserError:
         raise
@@ -77,7 +84,17 @@ def _probe(path: str, size: int, mtime_ns: int) -> VideoProbe:
         raise UserError("not a video PyAV can read (no frames, size or frame rate)")
     order = sorted(range(len(packets)), key=lambda i: (packets[i][0] is None, packets[i][0] or 0))
     keyframes = tuple(rank for rank, i in enumerate(order) if packets[i][1])
-    return VideoProbe(path, len(packets), Fraction(fps), width, height, codec, keyframes)
+    rotation = rotation or 0
+    if rotation in (90, 270):  # a phone's portrait video is stored landscape
+        width, height = height, width
+    return VideoProbe(path, len(packets), Fraction(fps), width, height, codec, keyframes, rotation)
+
+
+def quarter_turns(frame) -> int:
+    """How many quarter turns counterclockwise the frame's display matrix asks
+    for (0-3), as players and ffmpeg's autorotate show it. Mirrored matrices
+    are rare and shown unmirrored."""
+    return round((frame.rotation or 0) / 90) % 4
 
 
 # The frame's colour matrix (FFmpeg's AVColorSpace numbers) -> swscale's name for it.
@@ -100,17 +117,18 @@ def _rgb_converter(frame):
 
 
 def decode_rgb(path: Path) -> Iterator[np.ndarray]:
-    """The video's frames in presentation order, each (H, W, 3) uint8 RGB."""
+    """The video's frames in presentation order, each (H, W, 3) uint8 RGB, turned
+    upright as a player shows them (the display matrix's rotation)."""
     import av
 
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         for frame in container.decode(stream):
-            if frame.format.name == "rgb24":
-                yield frame.to_ndarray()
-            else:
-                yield frame.reformat(**_rgb_converter(frame)).to_ndarray()
+            rgb = frame.to_ndarray() if frame.format.name == "rgb24" else \
+                frame.reformat(**_rgb_converter(frame)).to_ndarray()
+            turns = quarter_turns(frame)
+            yield np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
 
 
 def stream_signature(path: Path) -> dict:

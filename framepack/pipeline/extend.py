@@ -137,7 +137,8 @@ def read_extension(settings, probe: VideoProbe, height: int, width: int, outputs
     if probe.fps != FPS:
         note(f"--extend {probe.path}: {float(probe.fps):g} fps resampled to {FPS} fps (nearest frame): "
              f"{probe.frames} frames become {n}")
-    writers = _LeadWriters(probe, outputs, lead, copyable=not resize and probe.fps == FPS) \
+    # A turned video's packets would show sideways without their display matrix: encoded upright instead.
+    writers = _LeadWriters(probe, outputs, lead, copyable=not resize and probe.fps == FPS and not probe.rotation) \
         if outputs is not None else None
     first, window = None, deque(maxlen=keep)
     index = 0

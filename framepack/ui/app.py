@@ -75,14 +75,21 @@ def profile_choices() -> tuple[list[str], str]:
     return ["auto", *sorted(profiles.profiles)], why
 
 
+def _upload_path(value) -> Path | None:
+    """A gr.File's value (a path, or a file object with .name, by Gradio version) as a path."""
+    if not value:
+        return None
+    return Path(value if isinstance(value, str) else value.name)
+
+
 @functools.lru_cache(maxsize=128)
-def _plan_text(model, variant, seconds, window, resolution, size, image_size, profile) -> str:
+def _plan_text(model, variant, seconds, window, resolution, size, image_size, profile, extend=None) -> str:
     """The memory plan line; cached, as the form asks again on every change."""
     from framepack.pipeline.memory_plan import plan_for
 
     try:
         view = plan_for(model=model, variant=variant, seconds=seconds, window=window, resolution=resolution,
-                        size=size, image_size=image_size, profile=profile)
+                        size=size, image_size=image_size, profile=profile, extend=extend)
     except (UserError, ValueError, OSError) as exc:
         return f"Memory plan: {exc}"
     mark = "fits" if view.fits else "does not fit"
@@ -231,7 +238,7 @@ def build_ui(client: ApiClient, *, default_model: str | None = None, default_pro
             trigger.change(live_sections, [prompt, seconds, window, blend], sections_view, show_progress="hidden",
                            trigger_mode="always_last")
 
-        def live_plan(img, secs, win, res, size_text, var, prof, mdl):
+        def live_plan(img, secs, win, res, size_text, var, prof, mdl, video):
             from framepack.pipeline.settings import parse_size
 
             try:
@@ -248,9 +255,9 @@ def build_ui(client: ApiClient, *, default_model: str | None = None, default_pro
                 return f"Memory plan: {exc}"
             chosen = default_profile if prof == "auto" else prof
             return _plan_text((mdl or "").strip() or default_model, var, float(secs), int(win), int(res), exact,
-                              image_size, chosen)
+                              image_size, chosen, None if img else _upload_path(video))
 
-        plan_inputs = [image, seconds, window, resolution, size, variant, profile, model]
+        plan_inputs = [image, seconds, window, resolution, size, variant, profile, model, extend_video]
         for trigger in plan_inputs:
             trigger.change(live_plan, plan_inputs, plan_view, show_progress="hidden", trigger_mode="always_last")
         ui.load(live_plan, plan_inputs, plan_view, show_progress="hidden")
@@ -273,7 +280,7 @@ def build_ui(client: ApiClient, *, default_model: str | None = None, default_pro
                     if scales and len(scales) != len(lora_v):
                         raise UserError(f"LoRA scales: {len(scales)} given for {len(lora_v)} LoRA(s)")
                     settings["loras"] = [[name, float(scales[i]) if scales else 1.0] for i, name in enumerate(lora_v)]
-                files = [Path(f if isinstance(f, str) else f.name) for f in (key_files or [])]
+                files = [_upload_path(f) for f in (key_files or [])]
                 if files:
                     times = [t.strip() for t in (key_times or "").split(",") if t.strip()]
                     if len(times) != len(files):
@@ -281,8 +288,7 @@ def build_ui(client: ApiClient, *, default_model: str | None = None, default_pro
                     settings["keyframes"] = [float(t) for t in times]
                 job_id = client.submit(settings, image=Path(img) if img else None,
                                        end_image=Path(end_img) if end_img else None, keyframes=files,
-                                       extend=Path(ext_file if isinstance(ext_file, str) else ext_file.name)
-                                       if ext_file else None, priority=priority_value)
+                                       extend=_upload_path(ext_file), priority=priority_value)
             except (UserError, ValueError) as exc:
                 return gr.update(), f"**Not submitted:** {exc}", gr.update()
             return job_id, f"Job **{job_id}** queued.", views.progress_html(client.job(job_id))
