@@ -73,10 +73,12 @@ def job_args(tiny_model, image, out: Path, variant: str, seconds: float, writers
     return args
 
 
-def write_plain_video(path: Path, frames: int, fps: int = 30, size=(64, 64), seed=0, rotation: int = 0) -> Path:
+def write_plain_video(path: Path, frames: int, fps: int = 30, size=(64, 64), seed=0, rotation: int = 0,
+                      audio: bool = False) -> Path:
     """A video not made by framepack (x264 with PyAV's defaults): random pixels scrolling
     sideways, stored at ``size``; ``rotation``: the display matrix's turn, counterclockwise
-    (a phone's portrait video is stored landscape with -90)."""
+    (a phone's portrait video is stored landscape with -90); ``audio``: with an AAC track
+    of a 440 Hz tone as long as the video."""
     h, w = size
     rng = np.random.default_rng(seed)
     base = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
@@ -85,12 +87,23 @@ def write_plain_video(path: Path, frames: int, fps: int = 30, size=(64, 64), see
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
         if rotation:
             stream.set_display_rotation(rotation)
+        sound = out.add_stream("aac", rate=48000, layout="mono") if audio else None
         for i in range(frames):
             frame = av.VideoFrame.from_ndarray(np.roll(base, 2 * i, axis=1), format="rgb24")
             for packet in stream.encode(frame):
                 out.mux(packet)
         for packet in stream.encode():
             out.mux(packet)
+        if sound is not None:
+            samples = round(48000 * frames / fps)
+            tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(samples) / 48000)).astype(np.float32)
+            for start in range(0, samples, 1024):
+                chunk = av.AudioFrame.from_ndarray(tone[None, start:start + 1024], format="fltp", layout="mono")
+                chunk.sample_rate, chunk.pts = 48000, start
+                for packet in sound.encode(chunk):
+                    out.mux(packet)
+            for packet in sound.encode():
+                out.mux(packet)
     return path
 
 

@@ -268,3 +268,29 @@ def test_an_absurdly_long_input_is_refused(tmp_path, monkeypatch):
                            extend=write_plain_video(tmp_path / "v.mp4", 40))
     with pytest.raises(UserError, match="longer than the 1 s an extension reads"):
         extend.check_extension(settings)
+
+
+def test_the_inputs_sound_is_copied_into_the_extended_video(pipe, tmp_path, capsys):
+    import av
+
+    from framepack.output.metadata import read_metadata
+
+    source = write_plain_video(tmp_path / "talk.mp4", 40, audio=True)
+    out = tmp_path / "more.mp4"
+    result = pipe.generate(None, "a fox", extend=source, output=out, seconds=1.2, variant="f1",
+                           overrides=['writers=["mp4", "webm"]'], **FAST)
+    err = capsys.readouterr().err
+    assert "its aac audio copied into more.mp4" in err
+    assert "its aac audio is not in more.webm: " in err  # then FFmpeg's reason (WebM takes Opus or Vorbis)
+
+    def packets(path, kind):
+        with av.open(str(path)) as container:
+            stream = getattr(container.streams, kind)[0]
+            return [(p.pts, bytes(p)) for p in container.demux(stream) if p.dts is not None]
+
+    assert packets(out, "audio") == packets(source, "audio")  # copied unchanged, at the input's times
+    assert len(frames_of(out)) == result.frames == 40 + 36
+    assert read_metadata(out)["settings"]["extend"] == str(source)  # the record's tags survive the remux
+    with av.open(str(tmp_path / "more.webm")) as webm:
+        assert not webm.streams.audio and len(webm.streams.video) == 1
+    assert not list(tmp_path.glob(".*"))  # no temporary file left

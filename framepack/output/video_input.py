@@ -35,6 +35,7 @@ class VideoProbe:
     codec: str
     keyframes: tuple[int, ...]  # presentation indices of the frames that start a GOP
     rotation: int = 0  # degrees counterclockwise the player turns the stored frames (0, 90, 180, 270)
+    audio: str | None = None  # the first audio stream's codec, when the file has sound
 
     @property
     def seconds(self) -> float:
@@ -76,6 +77,7 @@ def _probe(path: str, size: int, mtime_ns: int) -> VideoProbe:
                 if rotation is None:  # the display matrix comes with the frames: decode up to the first
                     rotation = next((quarter_turns(f) * 90 for f in packet.decode()), None)
             codec, width, height = stream.codec_context.name, stream.codec_context.width, stream.codec_context.height
+            audio = container.streams.audio[0].codec_context.name if container.streams.audio else None
     except UserError:
         raise
     except (OSError, av.FFmpegError, ValueError) as exc:
@@ -87,7 +89,7 @@ def _probe(path: str, size: int, mtime_ns: int) -> VideoProbe:
     rotation = rotation or 0
     if rotation in (90, 270):  # a phone's portrait video is stored landscape
         width, height = height, width
-    return VideoProbe(path, len(packets), Fraction(fps), width, height, codec, keyframes, rotation)
+    return VideoProbe(path, len(packets), Fraction(fps), width, height, codec, keyframes, rotation, audio)
 
 
 def quarter_turns(frame) -> int:

@@ -166,6 +166,22 @@ def read_extension(settings, probe: VideoProbe, height: int, width: int, outputs
     return result
 
 
+def carry_input_audio(probe: VideoProbe, outputs: list[Path], tags: dict[str, str]) -> None:
+    """The input's sound into each finished video file (framepack.output.audio);
+    a frame folder has none. Said on stderr either way."""
+    from framepack.output.audio import carry_audio
+
+    if probe.audio is None:
+        return
+    for path in outputs:
+        if path.is_dir():
+            note(f"--extend {probe.path}: its {probe.audio} audio is not in {path.name} (a frame folder)")
+            continue
+        why = carry_audio(probe.path, path, tags)
+        note(f"--extend {probe.path}: " + (f"its {probe.audio} audio copied into {path.name}" if why is None
+                                           else f"its {probe.audio} audio is not in {path.name}: {why}"))
+
+
 def _resampled(frames, probe: VideoProbe, n: int):
     """Frames on a 30 fps grid: output frame k is input frame floor((k + 1/2) * fps / 30),
     the one nearest its time."""

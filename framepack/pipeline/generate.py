@@ -38,7 +38,7 @@ from framepack.engine.planning import plan_job
 from framepack.models.prompt_cache import PromptCache, encoder_fingerprint
 from framepack.pipeline.prompts import parse_timed_prompt, schedule
 from framepack.pipeline.blank import blank_image
-from framepack.pipeline.extend import check_extension, frames_at_30, read_extension
+from framepack.pipeline.extend import carry_input_audio, check_extension, frames_at_30, read_extension
 from framepack.pipeline.controls import (build_image_conditioning, check_controls, check_inputs_unchanged,
                                          embed_rule, keyframe_sections)
 from framepack.pipeline.loop import CancelRequested, LoopInputs, LoopShape, LoopState, replay, run_sections
@@ -557,7 +557,10 @@ def _run(settings, engine, image, source, plan, device, dtype, height, width, se
     loop = run_sections(inputs, state)
     names = outputs.names
     with times.measure("write"):
-        written = outputs.join(loop.segments, metadata) + outputs.save_latents(loop.latents, metadata)
+        joined = outputs.join(loop.segments, metadata)
+        if video is not None:
+            carry_input_audio(video, joined, metadata)
+        written = joined + outputs.save_latents(loop.latents, metadata)
         if settings.latents_out is not None:
             # The same file the `latents` writer makes, at the user's path.
             engine.registry.get("writer", "latents").backend.save(Path(settings.latents_out), loop.latents,
@@ -573,7 +576,8 @@ def _run(settings, engine, image, source, plan, device, dtype, height, width, se
         jobdir.remove()
     store.done_with("vae", "transformer")
     return GenerationResult(
-        latents=loop.latents, frames=loop.frames + (extension.lead_frames if extension is not None else 0), height=height, width=width, sections=sections, outputs=written,
+        latents=loop.latents, frames=loop.frames + (extension.lead_frames if extension is not None else 0),
+        height=height, width=width, sections=sections, outputs=written,
         computed_steps=loop.computed_steps, skipped_steps=loop.skipped_steps,
         elapsed_s=time.perf_counter() - started, stage_s={k: round(v, 4) for k, v in times.seconds.items()},
         loaded=store.take_loaded(), job_dir=jobdir.path, settings=settings,
