@@ -98,3 +98,15 @@ def test_the_lora_list_names_the_files_not_the_folder(tmp_path, monkeypatch):
     assert [r["file"] for r in rows] == ["old.ckpt", "style.safetensors"]
     assert "pickle" in rows[0]["error"] and rows[1]["modules"] == 1 and rows[1]["ranks"] == [4]
     assert str(folder) not in json.dumps(rows)
+
+
+def test_serve_offers_its_model_or_else_the_hub_repos_and_each_allowed_one():
+    from argparse import Namespace
+
+    from framepack.models.sources import TRANSFORMER_REPOS
+    from framepack.service.commands import _offered_models
+
+    assert _offered_models(Namespace(model="/srv/m", allow_models=["/srv/n"])) == ["/srv/m", "/srv/n"]
+    offered = _offered_models(Namespace(model=None, allow_models=[]))
+    assert offered == list(TRANSFORMER_REPOS.values())  # what the workers load for a job that names none
+    ClientPaths(offered).check({"prompt": "a", "model": TRANSFORMER_REPOS["f1"]})

@@ -98,6 +98,15 @@ def _engine_args(args) -> list[str]:
     return extra
 
 
+def _offered_models(args) -> list[str]:
+    """The models a client's job may name: --model (else the original hub repos,
+    which the workers then use) and every --allow-model."""
+    from framepack.models.sources import TRANSFORMER_REPOS
+
+    default = [args.model] if args.model else list(TRANSFORMER_REPOS.values())
+    return default + list(args.allow_models)
+
+
 def cmd_serve(args) -> int:
     from framepack.service.logs import setup_logging
     from framepack.service.server import serve
@@ -108,7 +117,7 @@ def cmd_serve(args) -> int:
     setup_logging("server", storage / "logs")
     return serve(host=args.host, port=args.port, workers=args.workers, db=args.db, storage_dir=storage,
                  token_file=args.auth, max_upload_mb=args.max_upload_mb, worker_args=_engine_args(args),
-                 lease_s=args.lease_s, ui=args.ui, models=[m for m in [args.model, *args.allow_models] if m])
+                 lease_s=args.lease_s, ui=args.ui, models=_offered_models(args))
 
 
 def cmd_worker(args) -> int:
