@@ -249,3 +249,13 @@ def test_with_auth_the_login_page_blocks_the_ui(tmp_path, tiny_model, browser, s
         context.close()
     finally:
         srv.stop()
+
+
+def test_the_memory_plan_reads_no_model_the_service_does_not_offer(server, page):
+    page.goto(server.url + "/")
+    page.locator("#prompt textarea").wait_for()
+    _open(page, "speed-box", "#model textarea, #model input")
+    page.locator("#model textarea, #model input").first.fill("/etc")
+    page.locator("#model textarea, #model input").first.blur()
+    playwright_api.expect(page.locator("#memory-plan")).to_contain_text(
+        "model '/etc': not a model this service runs", timeout=60_000)

@@ -311,7 +311,7 @@ def create_app(store: JobStore, storage: Storage, *, token: str | None = None, m
         ui_defaults = ui_defaults or {}
         mount_ui(app, ApiClient(ui_base_url, token, cache_dir=storage.root / "ui-cache"), token=token,
                  default_model=ui_defaults.get("model"), default_profile=ui_defaults.get("profile"),
-                 client_paths=client_paths)
+                 check_model=lambda model: client_paths.check({"model": model}))
     wrapped: Any = BodyLimit(app, limit)
     if token is not None:
         wrapped = BearerAuth(wrapped, token)  # outermost: no body is read before the token is checked

@@ -11,12 +11,11 @@ from __future__ import annotations
 import functools
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import gradio as gr
 
 from framepack.errors import UserError
-from framepack.service.client_paths import ClientPaths
 from framepack.ui import views
 from framepack.ui.client import ApiClient, ApiError
 
@@ -98,12 +97,12 @@ def _plan_text(model, variant, seconds, window, resolution, size, image_size, pr
 
 
 def build_ui(client: ApiClient, *, default_model: str | None = None, default_profile: str | None = None,
-             poll_s: float = 1.0, client_paths: ClientPaths | None = None) -> gr.Blocks:
+             poll_s: float = 1.0, check_model: Callable[[str], None] | None = None) -> gr.Blocks:
     """The app. ``default_model`` / ``default_profile``: what the service's
     workers use for a job that names none (their --model and --profile), so the
-    memory plan is the plan of the job that will run. ``client_paths``: the
-    service's rule for the models a job may name; the plan reads no other."""
-    client_paths = client_paths or ClientPaths([default_model] if default_model else [])
+    memory plan is the plan of the job that will run. ``check_model``: the
+    service's rule for a model a job names (UserError if it may not); the plan
+    reads no model it refuses."""
     profiles, profile_why = profile_choices()
     if default_profile:
         profile_why = f"auto = **{default_profile}**: the service's workers run jobs that name none with it"
@@ -167,7 +166,7 @@ def build_ui(client: ApiClient, *, default_model: str | None = None, default_pro
                                                      info="One scale per LoRA chosen, in order; empty: 1.0 each.")
                             profile = gr.Dropdown(profiles, value="auto", label="Profile", info=HELP["profile"])
                             gr.Markdown(profile_why, elem_id="profile-why")
-                            model = gr.Textbox(label="Model", info=HELP["model"])
+                            model = gr.Textbox(label="Model", info=HELP["model"], elem_id="model")
                         plan_view = gr.Markdown("", elem_id="memory-plan")
                         with gr.Row():
                             queue_button = gr.Button("Add to queue", variant="secondary", elem_id="add-to-queue")
@@ -249,8 +248,8 @@ def build_ui(client: ApiClient, *, default_model: str | None = None, default_pro
                     with Image.open(img) as opened:
                         image_size = (opened.height, opened.width)
                 exact = parse_size(size_text) if (size_text or "").strip() else None
-                if (mdl or "").strip():
-                    client_paths.check({"model": mdl.strip()})  # the plan reads only a model the service offers
+                if (mdl or "").strip() and check_model is not None:
+                    check_model(mdl.strip())  # the plan reads only a model the service offers
             except (UserError, ValueError, OSError) as exc:
                 return f"Memory plan: {exc}"
             chosen = default_profile if prof == "auto" else prof
@@ -469,7 +468,7 @@ def build_ui(client: ApiClient, *, default_model: str | None = None, default_pro
 
 
 def mount_ui(app, client: ApiClient, *, token: str | None = None, path: str = "/", default_model: str | None = None,
-             default_profile: str | None = None, client_paths: ClientPaths | None = None):
+             default_profile: str | None = None, check_model: Callable[[str], None] | None = None):
     """Mount the UI on the service's FastAPI app. With a token, a login page
     asks for it (any user name, the token as the password)."""
     import hmac
@@ -478,7 +477,7 @@ def mount_ui(app, client: ApiClient, *, token: str | None = None, path: str = "/
         return hmac.compare_digest(password.encode(), token.encode())
 
     auth = token_matches if token else None
-    ui = build_ui(client, default_model=default_model, default_profile=default_profile, client_paths=client_paths)
+    ui = build_ui(client, default_model=default_model, default_profile=default_profile, check_model=check_model)
     return gr.mount_gradio_app(app, ui, path=path, auth=auth, css=CSS,
                                auth_message="The token from the service's --auth file.",
                                allowed_paths=[str(client.cache_dir)], footer_links=[])
