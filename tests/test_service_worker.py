@@ -5,6 +5,7 @@ goes on, and resume finishes the failed one once there is space."""
 from __future__ import annotations
 
 import errno
+import json
 
 import numpy as np
 import pytest
@@ -91,3 +92,27 @@ def test_a_job_whose_folder_is_still_in_use_goes_back_to_the_queue(tmp_path, tin
         assert "another process" in store.events(job_id)[-1]["data"]["reason"]
     finally:
         holder.unlock()
+
+
+def test_a_failed_jobs_message_names_the_servers_folders_by_label(tmp_path, tiny_model, test_image, monkeypatch):
+    loras = tmp_path / "private" / "loras"
+    loras.mkdir(parents=True)
+    monkeypatch.setenv("FRAMEPACK_LORA_DIR", str(loras))
+    store = JobStore(f"sqlite:///{tmp_path / 'queue.sqlite3'}")
+    storage = Storage(tmp_path / "storage")
+    with open(test_image, "rb") as f:
+        entry = storage.save_input(f, "image", test_image.name)
+    job_id = store.submit(tiny_settings(tiny_model, loras=["missing"]), {"image": entry})
+    Worker(store, PipelineRunner(storage, profile="cpu"), poll_s=0.05).run(exit_when_idle=True)
+    job = store.get(job_id)
+    assert job["status"] == "failed"
+    assert "no such file here or in the LoRA folder <LoRA folder>" in job["error"], job["error"]
+    assert str(tmp_path) not in job["error"] and str(tmp_path) not in json.dumps(job["failures"])
+
+
+def test_hiding_server_paths_keeps_the_inner_folders_label():
+    from framepack.service.client_paths import hide_server_paths
+
+    places = {"/srv/fp": "<storage>", "/srv/fp/loras": "<LoRA folder>", "/": "<root>"}
+    assert hide_server_paths("cannot read /srv/fp/loras/a.safetensors or /srv/fp/work/x",
+                             places) == "cannot read <LoRA folder>/a.safetensors or <storage>/work/x"

@@ -12,7 +12,9 @@ calibration file. So settings that arrive over HTTP name none of them:
   any value that is a path); the operator sets those with ``serve --set``.
 
 The operator's own ways in (``framepack queue add``, ``serve --set``) are not
-limited: they already run on the server.
+limited: they already run on the server. The other way round, a failed job's
+message names the server's folders by label (``hide_server_paths``): the
+operator's log keeps the full text.
 """
 
 from __future__ import annotations
@@ -78,3 +80,13 @@ def _lora_names(value) -> list[str]:
 def _looks_like_a_path(value: str) -> bool:
     text = value.strip("'\"")
     return "/" in text or "\\" in text or text.startswith("~")
+
+
+def hide_server_paths(text: str, places: dict[str, str]) -> str:
+    """``text`` with each server folder in ``places`` (path -> label, e.g. the
+    storage root -> ``<storage>``) replaced by its label, longest path first so
+    a folder inside another keeps its own label."""
+    for path in sorted(places, key=len, reverse=True):
+        if path and path != "/":
+            text = text.replace(path, places[path])
+    return text

@@ -70,6 +70,8 @@ class Worker:
         self.name = name or f"{socket.gethostname()}:{os.getpid()}" + (f":gpu{gpu}" if gpu is not None else "")
         self.poll_s = poll_s
         self.log = get_logger()
+        # What clients read of a failure: a runner that knows the server's folders hides them.
+        self._public = getattr(runner, "public_text", lambda text: text)
 
     def run(self, *, exit_when_idle: bool = False, max_jobs: int | None = None) -> int:
         """Claim and run jobs until stopped (KeyboardInterrupt, SIGTERM), or until the
@@ -140,7 +142,7 @@ class Worker:
             self._release(job_id, log_extra)
             raise
         except JobFolderBusy as exc:
-            self.store.release(job_id, self.name, str(exc))
+            self.store.release(job_id, self.name, self._public(str(exc)))
             self.log.warning("job folder busy; job released", extra={**log_extra, "error": str(exc)})
             time.sleep(self.store.lease_s / 3)  # let the other process notice and stop
         except Cancelled as exc:
@@ -156,10 +158,10 @@ class Worker:
                                   error="cancelled; its checkpoint is kept (resume continues it)")
                 self.log.info("job cancelled", extra=log_extra)
         except FramepackError as exc:
-            self.store.finish(job_id, self.name, "failed", error=str(exc))
+            self.store.finish(job_id, self.name, "failed", error=self._public(str(exc)))
             self.log.warning("job failed", extra={**log_extra, "error": str(exc)})
         except Exception as exc:
-            self.store.finish(job_id, self.name, "failed", error=f"{type(exc).__name__}: {exc}")
+            self.store.finish(job_id, self.name, "failed", error=self._public(f"{type(exc).__name__}: {exc}"))
             self.log.exception("job failed with an unexpected error", extra=log_extra)
         else:
             if self.store.finish(job_id, self.name, "done", outputs=result.outputs, stats=result.stats):
@@ -185,6 +187,13 @@ class PipelineRunner:
 
         self.storage = storage
         self.pipe = Pipeline(model=model, profile=profile, overrides=overrides or [], keep_loaded=keep_loaded)
+        self.places = _server_places(storage, model)
+
+    def public_text(self, text: str) -> str:
+        """A message as clients see it: the server's folders by label (client_paths)."""
+        from framepack.service.client_paths import hide_server_paths
+
+        return hide_server_paths(text, self.places)
 
     def run(self, job: dict, ctx: RunContext) -> RunResult:
         from framepack.output.jobdir import JobDir
@@ -228,6 +237,21 @@ class PipelineRunner:
 
     def close(self) -> None:
         self.pipe.close()
+
+
+def _server_places(storage: Storage, model: str | None) -> dict[str, str]:
+    """The server's folders a message may name -> the label clients see, each
+    both as given and resolved (a message may carry either)."""
+    from framepack.models.lora_formats import lora_dir
+
+    places = {}
+    folders = [(storage.root, "<storage>"), (lora_dir(), "<LoRA folder>")]
+    if model is not None and Path(model).expanduser().is_dir():
+        folders.append((Path(model).expanduser(), "<model>"))
+    for folder, label in folders:
+        for form in (str(folder), str(Path(folder).resolve())):
+            places[form] = label
+    return places
 
 
 def _check_folder_free(work: Path) -> None:
