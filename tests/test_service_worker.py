@@ -114,5 +114,5 @@ def test_hiding_server_paths_keeps_the_inner_folders_label():
     from framepack.service.client_paths import hide_server_paths
 
     places = {"/srv/fp": "<storage>", "/srv/fp/loras": "<LoRA folder>", "/": "<root>"}
-    assert hide_server_paths("cannot read /srv/fp/loras/a.safetensors or /srv/fp/work/x",
-                             places) == "cannot read <LoRA folder>/a.safetensors or <storage>/work/x"
+    assert hide_server_paths("cannot read /srv/fp/loras/a.safetensors or /srv/fp/jobs/x",
+                             places) == "cannot read <LoRA folder>/a.safetensors or <storage>/jobs/x"
